@@ -1,0 +1,138 @@
+"""startproject with this template gives a complete project that runs and passes its own tests."""
+
+import ast
+import secrets
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import jinja2
+import pytest
+from conftest import NAME, SEED_COMMAND, TEMPLATE, readme_command, render, services
+
+# What every new project holds (a file the template adds later may be missing here, never the reverse).
+EXPECTED = [
+    ".gitignore", ".pre-commit-config.yaml", ".python-version", "Procfile", "Procfile.dev",
+    "README.md", "bin/dev", "bin/setup", "bin/test", "conftest.py", "gunicorn.conf.py",
+    "manage.py", "pyproject.toml", "requirements.txt", "reqs/common.txt", "reqs/dev.txt",
+    "reqs/prod.txt", "app_template/apps.py", "app_template/urls.py", "app_template/views.py",
+    "app_template/tests.py", "app_template/jinja2/app_name/index.html",
+    f"{NAME}/__init__.py", f"{NAME}/asgi.py", f"{NAME}/wsgi.py", f"{NAME}/urls.py",
+    f"{NAME}/settings/common.py", f"{NAME}/settings/dev.py", f"{NAME}/settings/prod.py",
+    f"{NAME}/settings/test.py", f"{NAME}/libs/__init__.py", f"{NAME}/apps/__init__.py",
+    f"{NAME}/apps/core/apps.py", f"{NAME}/templates/base.html", f"{NAME}/templates/core/hello.html",
+]
+
+
+def is_jinja_template(path):
+    return path.suffix == ".html" and ({"templates", "jinja2"} & set(path.parts))
+
+
+def check_rendered(root):
+    made_later = {".venv", "__pycache__", "db.sqlite3", "staticfiles", ".celery"}  # by bin/setup and use
+    files = {
+        p.relative_to(root).as_posix(): p
+        for p in root.rglob("*")
+        if p.is_file() and not made_later & set(p.relative_to(root).parts)
+    }
+    missing = [f for f in EXPECTED if f not in files]
+    assert not missing, f"not in the new project: {missing}"
+    assert not [f for f in files if "project_name" in f or f.endswith("-tpl")], "a template name was left"
+    assert not [f for f in files if f.startswith(".ci/")], "template-only files leaked into the project"
+    for name, path in files.items():
+        text = path.read_text()
+        if name.startswith("app_template/") and path.suffix == ".py":
+            # startapp's own placeholders, and nothing else, survive (inside strings: still valid Python).
+            leftover = text.replace("{{ app_name }}", "")
+            assert "{{" not in leftover and "{%" not in leftover, f"{name}: template syntax left"
+        elif is_jinja_template(path):
+            assert "verbatim" not in text and "templatetag" not in text, f"{name}: Django's escape left"
+            jinja2.Environment().parse(text)  # intact Jinja2
+        else:
+            assert "{{" not in text and "{%" not in text, f"{name}: template syntax left"
+        if path.suffix == ".py":
+            ast.parse(text, name)
+    assert f'"{NAME}.settings.dev"' in files["manage.py"].read_text()
+    assert os.access(files["bin/dev"], os.X_OK) and os.access(files["manage.py"], os.X_OK)
+
+
+@pytest.mark.parametrize("source", ["folder", "zip"])
+@pytest.mark.parametrize("command", ["seed", "readme"])
+def test_startproject_gives_a_complete_project(tmp_path, command, source):
+    root = render(tmp_path, SEED_COMMAND if command == "seed" else readme_command(), source)
+
+    check_rendered(root)
+
+
+def test_readme_command_is_the_one_rendered(project):
+    check_rendered(project.path)
+
+
+def test_new_project_passes_its_own_tests(project):
+    result = project.run("bin/test", "-q", check=False)  # README: the test command
+
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_new_project_is_clean_for_ruff(project):
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = project.run(project.bin / "ruff", *args, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_new_project_has_no_missing_migrations(project):
+    result = project.manage("makemigrations", "--check", "--dry-run", check=False)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_deploy_check_is_clean_under_prod(project, postgres):
+    env = {
+        "DJANGO_SETTINGS_MODULE": f"{NAME}.settings.prod",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "DATABASE_URL": postgres.url,
+        "DATABASE_SSL_REQUIRE": "false",
+        "ALLOWED_HOSTS": "mysite.herokuapp.com",
+    }
+    result = project.manage("check", "--deploy", "--fail-level", "WARNING", env=env, check=False)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def fetch(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status, response.url, response.read().decode()
+
+
+def test_bin_dev_serves_the_hello_page_and_admin(project):
+    port = services.free_port()
+    proc = subprocess.Popen(
+        ["bin/dev"], cwd=project.path, env=project.env(PORT=str(port)), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        services.wait_for_port(port, timeout=60)
+        status, _, page = fetch(f"http://127.0.0.1:{port}/")
+        assert status == 200 and f"Hello from {NAME}" in page
+        status, url, page = fetch(f"http://127.0.0.1:{port}/admin/")
+        assert status == 200 and url.endswith("/admin/login/?next=/admin/") and "Django administration" in page
+    finally:
+        os.killpg(proc.pid, 15)
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("python", ["python3.12"])
+def test_new_project_works_on_other_python(tmp_path, python):
+    root = render(tmp_path, readme_command())
+    result = subprocess.run(
+        ["bin/test", "-q"], cwd=root, env={**os.environ, "PYTHON": python, "PYENV_VERSION": python.removeprefix("python")},
+        capture_output=True, text=True,
+    )
+
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert Path(root, ".venv/bin", python).exists()
