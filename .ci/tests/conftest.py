@@ -25,7 +25,7 @@ SEED_COMMAND = "django-admin startproject --template={template} --extension=py,h
 def readme_command():
     """The startproject command exactly as README.md gives it, with the template's path filled in."""
     text = (TEMPLATE / "README.md").read_text()
-    match = re.search(r"^\s*(django-admin startproject .*)$", text, re.M)
+    match = re.search(r"(django-admin startproject .*)$", text, re.M)
     assert match, "README.md gives no django-admin startproject command"
     return match.group(1).replace("https://github.com/djeroku/djeroku/archive/main.zip", "{template}").replace("NAME", "{name}")
 
