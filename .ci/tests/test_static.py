@@ -66,12 +66,16 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def collected(project):
+def collected(project, tmp_path_factory):
     """collectstatic as Heroku's build runs it: prod settings, only the app's config vars."""
     ensure_prod_reqs(project)
     env = prod_env()
-    result = project.manage("collectstatic", "--noinput", "--clear", env=env)
-    assert "post-processed" in result.stdout, result.stdout + result.stderr
+    build_env = {"PATH": f"{project.bin}:/usr/bin:/bin", "HOME": str(tmp_path_factory.mktemp("home")), **env}
+    result = subprocess.run(
+        [project.bin / "python", "manage.py", "collectstatic", "--noinput", "--clear"],
+        cwd=project.path, env=build_env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0 and "post-processed" in result.stdout, result.stdout + result.stderr
     root = project.path / "staticfiles"
     manifest = json.loads((root / "staticfiles.json").read_text())["paths"]
     return root, manifest, source_minified(project, env)
@@ -145,6 +149,30 @@ def test_pages_link_bundles_served_compressed_and_cached_forever(web, collected)
         assert brotli.decompress(body) == (root / link.removeprefix("/static/")).read_bytes()
         status, headers, body = get(f"{web}{link}", **{"Accept-Encoding": "gzip"})
         assert headers["content-encoding"] == "gzip"
+
+
+def test_debug_pages_link_each_source_file_and_runserver_serves_it(project):
+    """bin/dev's settings: every source file of a group linked as it is, each one served."""
+    port = services.free_port()
+    proc = subprocess.Popen(
+        [project.bin / "python", "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        cwd=project.path, env=project.env(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        services.wait_for_port(port, timeout=60)
+        status, _, body = get(f"http://127.0.0.1:{port}/")
+        links = asset_links(body.decode())
+        assert status == 200 and len(links) >= 4, links
+        assert not [link for link in links if "site" in link], links
+        for link in links:
+            status, _, body = get(f"http://127.0.0.1:{port}{link}")
+            source = project.path / NAME / link.removeprefix("/")
+            assert status == 200 and body == source.read_bytes(), link
+    finally:
+        os.killpg(proc.pid, 15)
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out
 
 
 def test_browser_loads_the_page_applies_css_and_runs_js(web):
