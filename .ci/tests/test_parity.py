@@ -1,0 +1,246 @@
+"""Production parity: a new project built and released as Heroku would, its Procfile run by honcho
+against real Postgres, Redis and memcached on loopback, under load and faults.
+
+Parts other issues add are checked as soon as the template has them (static bundles: WhiteNoise;
+/celery/ and the worker: Celery; /healthz: services); until then their tests skip, saying which
+part is missing. Loads are short (a few seconds each): figures belong to .ci/bench/parity.py.
+"""
+
+import re
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
+
+import stack  # noqa: E402
+from conftest import NAME, TEMPLATE  # noqa: E402
+
+WEB_CONCURRENCY = 2
+POOL_SIZE = 8  # prod.py's default DATABASE_POOL_SIZE
+ADMIN_PASSWORD = "parity-admin-password-1"
+
+
+def template_has(path, text=None):
+    """Whether the template (what is on this branch) already has a part another issue adds."""
+    files = [TEMPLATE / path] if not path.endswith("/") else list((TEMPLATE / path).rglob("*"))
+    files = [f for f in files if f.is_file()]
+    return bool(files) and (text is None or any(text in f.read_text(errors="ignore") for f in files))
+
+
+HAS_WHITENOISE = template_has("reqs/", "whitenoise")
+HAS_CELERY = template_has("Procfile", "worker:")
+HAS_HEALTHZ = template_has("project_name/", "healthz")
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    return stack.Build(tmp_path_factory.mktemp("parity"))
+
+
+@pytest.fixture(scope="module")
+def config(postgres, redis, memcached):
+    return stack.config_vars(postgres, redis, memcached, WEB_CONCURRENCY=str(WEB_CONCURRENCY))
+
+
+@pytest.fixture(scope="module")
+def released(build, config):
+    """The build step (collectstatic with only the config vars), then the Procfile's release line."""
+    collect = build.run("python manage.py collectstatic --noinput", config)
+    assert collect.returncode == 0, collect.stdout + collect.stderr
+    assert "release" in build.processes, "the Procfile has no release line"
+    release = build.run(build.processes["release"], config)
+    assert release.returncode == 0, release.stdout + release.stderr
+    admin = build.run(
+        "python manage.py createsuperuser --noinput --username admin --email admin@example.com",
+        {**config, "DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD},
+    )
+    assert admin.returncode == 0, admin.stderr
+    return build
+
+
+@pytest.fixture(scope="module")
+def dynos(released, config):
+    honcho = stack.Honcho(released, config).start()
+    yield honcho
+    honcho.stop()
+
+
+def web_tree(dynos):
+    return lambda: dynos.processes_of("gunicorn")
+
+
+def test_gunicorn_config_is_valid_and_follows_heroku(build, config):
+    env = {**config, "PORT": "5123", "WEB_CONCURRENCY": "3"}
+    check = build.run("gunicorn --check-config", env)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    printed = build.run("gunicorn --print-config", env)
+    assert printed.returncode == 0, printed.stderr
+    values = dict(re.findall(r"^(\w+)\s+= (.*)$", printed.stdout, re.M))
+    assert values["bind"] == "['0.0.0.0:5123']"
+    assert values["workers"] == "3"
+    assert values["worker_class"] == "gevent"
+    assert int(values["worker_connections"]) <= 1000
+    assert int(values["timeout"]) <= 30  # Heroku's router answers H12 after 30 s
+    assert int(values["graceful_timeout"]) < 30  # Heroku sends SIGKILL 30 s after SIGTERM
+    assert int(values["keepalive"]) > 90  # longer than Router 2.0's idle keep-alive
+    assert values["accesslog"] == "-"
+    assert int(values["max_requests"]) > 0 and int(values["max_requests_jitter"]) > 0
+    assert values["forwarded_allow_ips"] == "['*']"
+
+
+def test_web_process_serves_the_hello_page(dynos):
+    status, body = stack.get(dynos.url("/"))
+    assert status == 200
+    assert NAME.encode() in body
+
+
+def test_admin_login_works(dynos):
+    """As through Heroku's router: HTTPS ends there, X-Forwarded-Proto says so, cookies are Secure."""
+    https = {"X-Forwarded-Proto": "https"}
+    opener = urllib.request.build_opener(NoRedirect)
+    with opener.open(urllib.request.Request(dynos.url("/admin/login/"), headers=https)) as page:
+        cookies = cookie_header(page)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.read().decode()).group(1)
+    form = urllib.parse.urlencode({
+        "csrfmiddlewaretoken": token, "username": "admin", "password": ADMIN_PASSWORD,
+        "next": "/admin/",
+    }).encode()
+    origin = f"https://127.0.0.1:{dynos.port}"
+    login = urllib.request.Request(dynos.url("/admin/login/"), data=form, headers={
+        **https, "Cookie": cookies, "Origin": origin, "Referer": f"{origin}/admin/login/",
+    })
+    with pytest.raises(urllib.error.HTTPError) as redirect:
+        opener.open(login, timeout=10)
+    assert redirect.value.code == 302 and redirect.value.headers["Location"] == "/admin/"
+    session = cookie_header(redirect.value)
+    assert "sessionid=" in session
+
+    admin = urllib.request.Request(dynos.url("/admin/"), headers={**https, "Cookie": session})
+    with opener.open(admin, timeout=10) as response:
+        assert response.status == 200
+        assert "Site administration" in response.read().decode()
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+
+
+def cookie_header(response):
+    """The cookies a response sets, as a Cookie header (Secure ones too: the router did HTTPS)."""
+    return "; ".join(c.split(";")[0] for c in response.headers.get_all("Set-Cookie") or [])
+
+
+def test_database_page_answers(dynos):
+    status, body = stack.get(dynos.url("/parity/db/"))
+    assert status == 200 and b"add_" in body
+
+
+@pytest.mark.skipif(not HAS_WHITENOISE, reason="static bundles (issue 3, WhiteNoise) not on this branch")
+def test_static_files_and_bundles_are_served(dynos):
+    urls = set()
+    for page in ("/", "/admin/login/"):
+        urls |= set(re.findall(r'(?:href|src)="(/static/[^"]+)"', stack.get(dynos.url(page))[1].decode()))
+    assert urls, "no page links a static file"
+    for url in sorted(urls):
+        status, body = stack.get(dynos.url(url))
+        assert status == 200 and body, url
+
+
+@pytest.mark.skipif(not HAS_HEALTHZ, reason="/healthz (issue 5) not on this branch")
+def test_health_endpoint_answers(dynos):
+    status, _ = stack.get(dynos.url("/healthz"))
+    assert status == 200
+
+
+@pytest.mark.skipif(not HAS_CELERY, reason="Celery worker (issue 4) not on this branch")
+def test_celery_page_answers(dynos):
+    status, _ = stack.get(dynos.url("/celery/"))
+    assert status == 200
+
+
+@pytest.mark.parametrize("connections", [64, 256])
+@pytest.mark.parametrize("path", ["/", "/parity/db/"])
+def test_load_gives_no_errors_and_bounded_connections(dynos, postgres, path, connections):
+    with stack.ConnectionSampler(postgres, {"web": web_tree(dynos)}) as sampler:
+        result = stack.wrk(dynos.url(path), connections, seconds=3)
+
+    print(f"{path} c={connections}: {result['rps']} req/s, p99 {result['p99_ms']} ms, "
+          f"connections peak {sampler.peak()} (web {sampler.peak('web')})")
+    assert result["requests"] > 0, result["output"]
+    assert result["non_2xx"] == 0, result["output"]
+    assert result["socket_errors"] == 0, result["output"]
+    assert sampler.samples, "pg_stat_activity was never read"
+    assert sampler.peak("web") <= WEB_CONCURRENCY * POOL_SIZE
+    assert sampler.peak() <= stack.PLAN_CONNECTION_LIMIT
+    if path == "/parity/db/":
+        assert sampler.peak("web") >= 1
+
+
+def test_postgres_restart_under_load_recovers_without_restarting_the_app(dynos, postgres):
+    master = dynos.gunicorn_master().pid
+    load = threading.Thread(target=stack.wrk, args=(dynos.url("/parity/db/"), 32, 6))
+    load.start()
+    time.sleep(1.5)
+    postgres.stop()
+    status_while_down, _ = stack.get(dynos.url("/parity/db/"), timeout=30)
+    postgres.start()
+    load.join()
+
+    assert status_while_down == 500  # the page fails while the database is down...
+    stack.wait_for_200(dynos.url("/parity/db/"), timeout=30)  # ...and comes back by itself
+    result = stack.wrk(dynos.url("/parity/db/"), 64, seconds=2)
+    assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
+    assert dynos.gunicorn_master().pid == master, "the app was restarted"
+
+
+def test_redis_restart_leaves_the_app_working(dynos, redis):
+    master = dynos.gunicorn_master().pid
+    load = threading.Thread(target=stack.wrk, args=(dynos.url("/"), 32, 4))
+    load.start()
+    time.sleep(1)
+    redis.restart()
+    load.join()
+
+    pages = ["/", "/parity/db/"] + ["/healthz"] * HAS_HEALTHZ + ["/celery/"] * HAS_CELERY
+    for page in pages:
+        stack.wait_for_200(dynos.url(page), timeout=30)
+    result = stack.wrk(dynos.url("/"), 64, seconds=2)
+    assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
+    assert dynos.gunicorn_master().pid == master, "the app was restarted"
+
+
+def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos):
+    """Last in this module: honcho stops every process once web exits, as Foreman does."""
+    master = dynos.gunicorn_master()
+    answers = []
+
+    def slow_request():
+        answers.append(stack.get(dynos.url("/parity/sleep/?s=2"), timeout=30)[0])
+
+    load = threading.Thread(target=stack.wrk, args=(dynos.url("/"), 64, 5))
+    load.start()
+    in_flight = [threading.Thread(target=slow_request) for _ in range(8)]
+    for thread in in_flight:
+        thread.start()
+    time.sleep(0.7)
+    started = time.monotonic()
+    master.send_signal(signal.SIGTERM)  # what Heroku sends every process of a stopping dyno
+    master.wait(60)
+    took = time.monotonic() - started
+    for thread in in_flight:
+        thread.join(30)
+    load.join()
+
+    print(f"web exited {took:.2f} s after SIGTERM")
+    assert answers == [200] * 8, "a request in flight was cut off"
+    assert took < 30, "Heroku would have killed the dyno (SIGKILL after 30 s)"
