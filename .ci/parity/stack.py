@@ -169,14 +169,18 @@ class Honcho:
     def proc_info(self):
         return psutil.Process(self.proc.pid)
 
-    def gunicorn_master(self):
-        """The gunicorn arbiter: the gunicorn process whose parent is no gunicorn process."""
-        ours = [p for p in self.processes_of("gunicorn") if p.name() not in ("sh", "bash", "dash")]
+    def master(self, word):
+        """The main process of a Procfile process whose command holds `word` (not the shell that
+        honcho starts it with, not its forked children)."""
+        ours = [p for p in self.processes_of(word) if p.name() not in ("sh", "bash", "dash")]
         pids = {p.pid for p in ours}
         masters = [p for p in ours if p.ppid() not in pids]
         if len(masters) != 1:
-            raise RuntimeError(f"not one gunicorn master under honcho: {masters}")
+            raise RuntimeError(f"not one {word} main process under honcho: {masters}")
         return masters[0]
+
+    def gunicorn_master(self):
+        return self.master("gunicorn")
 
     def processes_of(self, word):
         """Processes under honcho whose command line holds `word` (e.g. 'gunicorn', 'worker')."""

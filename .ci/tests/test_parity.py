@@ -24,7 +24,7 @@ import stack  # noqa: E402
 from conftest import NAME, TEMPLATE  # noqa: E402
 
 WEB_CONCURRENCY = 2
-POOL_SIZE = 8  # prod.py's default DATABASE_POOL_SIZE
+POOL_SIZE = 7  # prod.py's default DATABASE_POOL_SIZE
 ADMIN_PASSWORD = "parity-admin-password-1"
 
 
@@ -73,8 +73,47 @@ def dynos(released, config):
     honcho.stop()
 
 
-def web_tree(dynos):
-    return lambda: dynos.processes_of("gunicorn")
+def process_groups(dynos):
+    """Each Procfile process's tree, for counting its database connections."""
+    return {
+        "web": lambda: dynos.processes_of("gunicorn"),
+        "worker": lambda: dynos.processes_of("celery worker"),
+        "scheduler": lambda: dynos.processes_of("celery beat"),
+    }
+
+
+def enqueue_computation(build, config, seconds):
+    """Enqueue the Celery sample's task as its page does (a row, then the task); its row's id."""
+    code = (
+        "import uuid; "
+        f"from {NAME}.apps.celery_sample.models import Computation; "
+        f"from {NAME}.apps.celery_sample.tasks import sum_squares; "
+        "c = Computation.objects.create(n=1000, task_id=str(uuid.uuid4())); "
+        f"sum_squares.apply_async((c.pk, {seconds}), task_id=c.task_id); print(c.pk)"
+    )
+    result = build.run(f"python manage.py shell -c '{code}'", config)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def computation(postgres, pk):
+    """(attempts, result) of a Computation row, read straight from the database."""
+    attempts, result = postgres.sql(
+        f"SELECT attempts, coalesce(result::text, '') FROM celery_sample_computation WHERE id = {pk}"
+    ).split("|")
+    return int(attempts), (int(result) if result else None)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not within {timeout} s")
+
+
+SUM_SQUARES_1000 = sum(i * i for i in range(1, 1001))
 
 
 def test_gunicorn_config_is_valid_and_follows_heroku(build, config):
@@ -163,19 +202,40 @@ def test_health_endpoint_answers(dynos):
 
 
 @pytest.mark.skipif(not HAS_CELERY, reason="Celery worker (issue 4) not on this branch")
-def test_celery_page_answers(dynos):
+def test_celery_page_answers_and_the_worker_runs_its_task(dynos, released, config, postgres):
     status, _ = stack.get(dynos.url("/celery/"))
     assert status == 200
+    pk = enqueue_computation(released, config, seconds=0)
+    wait_for(lambda: computation(postgres, pk)[1], 30, "the worker did not run the task")
+    status, body = stack.get(dynos.url(f"/celery/{pk}/"))
+    assert status == 200 and str(SUM_SQUARES_1000).encode() in body
+
+
+@pytest.mark.skipif(not HAS_CELERY, reason="Celery worker (issue 4) not on this branch")
+def test_worker_killed_mid_task_loses_nothing(dynos, released, config, postgres):
+    """A worker process killed mid-task (as the kernel's OOM killer would): the task runs again."""
+    pk = enqueue_computation(released, config, seconds=4)
+    wait_for(lambda: computation(postgres, pk)[0] >= 1, 30, "the task never started")
+    children = dynos.master("celery worker").children()
+    assert children, "the worker has no pool processes"
+    for child in children:
+        child.kill()
+
+    wait_for(lambda: computation(postgres, pk)[1], 60, "the task was lost with its worker")
+    attempts, result = computation(postgres, pk)
+    assert result == SUM_SQUARES_1000
+    assert attempts >= 2  # it ran again after the kill
 
 
 @pytest.mark.parametrize("connections", [64, 256])
 @pytest.mark.parametrize("path", ["/", "/parity/db/"])
 def test_load_gives_no_errors_and_bounded_connections(dynos, postgres, path, connections):
-    with stack.ConnectionSampler(postgres, {"web": web_tree(dynos)}) as sampler:
+    with stack.ConnectionSampler(postgres, process_groups(dynos)) as sampler:
         result = stack.wrk(dynos.url(path), connections, seconds=3)
 
+    peaks = {group: sampler.peak(group) for group in ("total", "web", "worker", "scheduler")}
     print(f"{path} c={connections}: {result['rps']} req/s, p99 {result['p99_ms']} ms, "
-          f"connections peak {sampler.peak()} (web {sampler.peak('web')})")
+          f"database connections at most {peaks}")
     assert result["requests"] > 0, result["output"]
     assert result["non_2xx"] == 0, result["output"]
     assert result["socket_errors"] == 0, result["output"]
@@ -203,7 +263,7 @@ def test_postgres_restart_under_load_recovers_without_restarting_the_app(dynos, 
     assert dynos.gunicorn_master().pid == master, "the app was restarted"
 
 
-def test_redis_restart_leaves_the_app_working(dynos, redis):
+def test_redis_restart_leaves_the_app_working(dynos, redis, released, config, postgres):
     master = dynos.gunicorn_master().pid
     load = threading.Thread(target=stack.wrk, args=(dynos.url("/"), 32, 4))
     load.start()
@@ -217,6 +277,9 @@ def test_redis_restart_leaves_the_app_working(dynos, redis):
     result = stack.wrk(dynos.url("/"), 64, seconds=2)
     assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
     assert dynos.gunicorn_master().pid == master, "the app was restarted"
+    if HAS_CELERY:  # the worker reconnects to the broker by itself
+        pk = enqueue_computation(released, config, seconds=0)
+        wait_for(lambda: computation(postgres, pk)[1], 60, "no task ran after Redis restarted")
 
 
 def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos):
