@@ -163,6 +163,11 @@ class Honcho:
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def tail(self, lines=60):
+        """The end of honcho's log, without the access log: for failure messages."""
+        text = [line for line in self.log.read_text().splitlines() if '"GET ' not in line]
+        return "\n".join(text[-lines:])
+
     def tree(self):
         return [self.proc_info(), *psutil.Process(self.proc.pid).children(recursive=True)]
 

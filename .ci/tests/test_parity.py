@@ -261,6 +261,7 @@ def test_postgres_restart_under_load_recovers_without_restarting_the_app(dynos, 
     result = stack.wrk(dynos.url("/parity/db/"), 64, seconds=2)
     assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
     assert dynos.gunicorn_master().pid == master, "the app was restarted"
+    assert dynos.proc.poll() is None, f"a process stopped:\n{dynos.tail()}"
 
 
 def test_redis_restart_leaves_the_app_working(dynos, redis, released, config, postgres):
@@ -277,6 +278,7 @@ def test_redis_restart_leaves_the_app_working(dynos, redis, released, config, po
     result = stack.wrk(dynos.url("/"), 64, seconds=2)
     assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
     assert dynos.gunicorn_master().pid == master, "the app was restarted"
+    assert dynos.proc.poll() is None, f"a process stopped:\n{dynos.tail()}"
     if HAS_CELERY:  # the worker reconnects to the broker by itself
         pk = enqueue_computation(released, config, seconds=0)
         wait_for(lambda: computation(postgres, pk)[1], 60, "no task ran after Redis restarted")
