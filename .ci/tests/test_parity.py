@@ -6,6 +6,7 @@ Parts other issues add are checked as soon as the template has them (static bund
 part is missing. Loads are short (a few seconds each): figures belong to .ci/bench/parity.py.
 """
 
+import os
 import re
 import signal
 import sys
@@ -309,3 +310,137 @@ def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos):
     print(f"web exited {took:.2f} s after SIGTERM")
     assert answers == [200] * 8, "a request in flight was cut off"
     assert took < 30, "Heroku would have killed the dyno (SIGKILL after 30 s)"
+
+
+# --- Plain servers: supervisord runs the processes, nginx serves static files, HAProxy in front --
+
+
+def fill_in(text, values):
+    """What `envsubst '$A $B'` does: replace ${A} and ${B}, leave nginx's own $variables."""
+    for name, value in values.items():
+        text = text.replace("${%s}" % name, str(value))
+    assert not re.search(r"\$\{[A-Z_]+\}", text), "a ${VARIABLE} was left unfilled"
+    return text
+
+
+NGINX_MAIN = """
+user root;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 512; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    include {d}/app.conf;
+}}
+"""
+
+
+class PlainServers:
+    def __init__(self, build, config, folder):
+        self.build, self.folder = build, folder
+        self.port, self.nginx_port, self.haproxy_port = (stack.services.free_port() for _ in range(3))
+        self.env = build.env({**config, "PORT": str(self.port)})
+        self.procs = []
+
+    def supervisorctl(self, *args):
+        return stack.subprocess.run(
+            [str(Path(sys.executable).with_name("supervisorctl")), "-c", "etc/supervisord.conf", *args],
+            cwd=self.build.path, env=self.env, capture_output=True, text=True, timeout=120,
+        )
+
+    def status(self):
+        out = self.supervisorctl("status").stdout
+        return dict(re.findall(r"^(\w+)\s+(\w+)", out, re.M)), out
+
+    def start(self):
+        supervisord = Path(sys.executable).with_name("supervisord")
+        self.procs.append(stack.subprocess.Popen(
+            [str(supervisord), "--nodaemon", "-c", "etc/supervisord.conf"],
+            cwd=self.build.path, env=self.env, start_new_session=True,
+        ))
+        stack.services.wait_for_port(self.port, timeout=60)
+
+        server = fill_in((self.build.path / "etc/nginx.conf").read_text(), {
+            "NGINX_PORT": self.nginx_port, "PORT": self.port, "APP_ROOT": self.build.path,
+        })
+        (self.folder / "app.conf").write_text(server)
+        (self.folder / "nginx.conf").write_text(NGINX_MAIN.format(d=self.folder))
+        self.procs.append(stack.subprocess.Popen(
+            ["nginx", "-c", str(self.folder / "nginx.conf"), "-g", "daemon off;"],
+        ))
+        stack.services.wait_for_port(self.nginx_port)
+
+        self.procs.append(stack.subprocess.Popen(
+            ["haproxy", "-db", "-f", str(self.build.path / "etc/haproxy.cfg")],
+            env={**os.environ, "HAPROXY_BIND": f"127.0.0.1:{self.haproxy_port}",
+                 "NGINX_ADDR": f"127.0.0.1:{self.nginx_port}"},
+        ))
+        stack.services.wait_for_port(self.haproxy_port)
+        return self
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.haproxy_port}{path}"
+
+    def stop(self):
+        self.supervisorctl("shutdown")
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(40)
+                except stack.subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def plain(released, config, tmp_path_factory):
+    servers = PlainServers(released, config, tmp_path_factory.mktemp("plain"))
+    try:
+        yield servers.start()
+    finally:
+        servers.stop()
+
+
+EXPECTED_PROGRAMS = {"web", "worker", "scheduler"} if HAS_CELERY else {"web"}
+
+
+def test_supervisord_runs_every_process(plain):
+    states = wait_for(
+        lambda: (s := plain.status()[0]) and all(s.get(p) == "RUNNING" for p in EXPECTED_PROGRAMS) and s,
+        60, f"not all RUNNING: {plain.status()[1]}",
+    )
+    assert set(states) == EXPECTED_PROGRAMS, plain.status()[1]
+
+
+def test_haproxy_nginx_gunicorn_serve_the_hello_page_and_static_files(plain):
+    status, body = stack.get(plain.url("/"))
+    assert status == 200 and NAME.encode() in body
+
+    urls = set(re.findall(r'(?:href|src)="(/static/[^"]+)"', body.decode()))
+    urls |= set(re.findall(r'(?:href|src)="(/static/[^"]+)"', stack.get(plain.url("/admin/login/"))[1].decode()))
+    assert urls, "no page links a static file"
+    for url in sorted(urls):
+        with urllib.request.urlopen(plain.url(url), timeout=10) as response:
+            assert response.status == 200 and response.read(), url
+            assert "max-age=31536000" in response.headers["Cache-Control"], url
+    # nginx, not the app, served them: gunicorn's access log has the page, not the files.
+    web_log = (plain.build.path / "var" / "web.log").read_text()
+    assert '"GET / HTTP' in web_log
+    assert not [url for url in urls if url in web_log]
+
+
+def test_supervisorctl_restart_brings_web_back(plain):
+    before = re.search(r"^web\s+RUNNING\s+pid (\d+)", plain.status()[1], re.M).group(1)
+    restart = plain.supervisorctl("restart", "web")
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    after = re.search(r"^web\s+RUNNING\s+pid (\d+)", plain.status()[1], re.M).group(1)
+    assert after != before
+    stack.wait_for_200(plain.url("/"), timeout=30)
