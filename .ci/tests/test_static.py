@@ -151,6 +151,26 @@ def test_pages_link_bundles_served_compressed_and_cached_forever(web, collected)
         assert headers["content-encoding"] == "gzip"
 
 
+def render_hello(project, env):
+    """The hello page as the web process renders it under `env` (no request needed)."""
+    return project.run(
+        project.bin / "python", "-c",
+        "import django; django.setup(); from django.template.loader import render_to_string; "
+        "print(render_to_string('core/hello.html', {'project_name': 'x', 'django_version': '5'}))",
+        env=env,
+    ).stdout
+
+
+def test_a_cdn_in_front_of_gunicorn_gets_the_same_hashed_names(project, collected):
+    _, manifest, _ = collected
+
+    page = render_hello(project, prod_env(STATIC_HOST="https://d222.cloudfront.test/"))
+
+    assert asset_links(page) == [
+        f"https://d222.cloudfront.test/static/{manifest[out]}" for out in GROUPS.values()
+    ]
+
+
 def test_debug_pages_link_each_source_file_and_runserver_serves_it(project):
     """bin/dev's settings: every source file of a group linked as it is, each one served."""
     port = services.free_port()
@@ -241,13 +261,7 @@ def test_s3_collectstatic_uploads_hashed_bundles_and_pages_link_them(project, s3
     status, headers, body = get(f"{s3.endpoint}/{BUCKET}/static/staticfiles.json")
     assert status == 200 and headers["cache-control"] == "public, max-age=60"
     manifest = json.loads(body)["paths"]
-    page = project.run(
-        project.bin / "python", "-c",
-        "import django; django.setup(); from django.template.loader import render_to_string; "
-        "print(render_to_string('core/hello.html', {'project_name': 'x', 'django_version': '5'}))",
-        env=env,
-    ).stdout
-    links = asset_links(page)
+    links = asset_links(render_hello(project, env))
     assert links == [f"{s3.endpoint}/{BUCKET}/static/{manifest[out]}" for out in GROUPS.values()]
     for link, kind in zip(links, ("text/css", "text/javascript"), strict=True):
         status, headers, body = get(link)
@@ -257,6 +271,9 @@ def test_s3_collectstatic_uploads_hashed_bundles_and_pages_link_them(project, s3
     # An image of the admin's, hashed and uploaded like every other file.
     status, headers, _ = get(f"{s3.endpoint}/{BUCKET}/static/{manifest['admin/img/icon-yes.svg']}")
     assert status == 200 and headers["content-type"] == "image/svg+xml"
+    # A CDN in front of the bucket: pages link the same hashed files on its host.
+    cdn = asset_links(render_hello(project, {**env, "AWS_S3_CUSTOM_DOMAIN": "d111.cloudfront.test"}))
+    assert cdn == [f"https://d111.cloudfront.test/static/{manifest[out]}" for out in GROUPS.values()]
 
 
 def test_s3_media_uploads_are_private_behind_signed_links(project, s3):
