@@ -317,3 +317,12 @@ def rss_mb(processes):
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
     return total / 2**20
+
+
+def pss_mb(processes):
+    """Proportional set size: shared pages counted once across the tree, as a dyno's memory is."""
+    total = 0
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_full_info().pss
+    return total / 2**20
