@@ -1,0 +1,316 @@
+"""Celery with real parts: a new project's Procfile worker and scheduler against a real Redis, a real
+RabbitMQ and the local folder queue; a request enqueues, a worker process runs, /celery/ shows it.
+Fault tests: a worker killed with SIGKILL mid-run loses nothing; a restarted Redis is reconnected to."""
+
+import http.cookiejar
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from conftest import NAME, services
+from rabbitmq import RabbitMQ
+
+SAMPLE_TASK = f"{NAME}.apps.celery_sample.tasks.sum_squares"
+
+
+def sum_squares(n):
+    return sum(i * i for i in range(1, n + 1))
+
+
+# --- servers and processes --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rabbitmq():
+    server = RabbitMQ().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def database(project, postgres):
+    """A migrated Postgres database of its own: worker, beat and web share it, as on Heroku."""
+    postgres.sql("DROP DATABASE IF EXISTS celery_tests")
+    postgres.sql("CREATE DATABASE celery_tests")
+    url = postgres.url.rsplit("/", 1)[0] + "/celery_tests"
+    project.manage("migrate", "--noinput", env={"DATABASE_URL": url})
+    return url
+
+
+def procfile_command(project, process, procfile="Procfile"):
+    """A Procfile line's command, run from the project's .venv (the New Relic wrapper aside:
+    newrelic is a production requirement, and without a licence key it only runs the command)."""
+    lines = (project.path / procfile).read_text().splitlines()
+    command = next(line.split(":", 1)[1] for line in lines if line.startswith(f"{process}:"))
+    args = shlex.split(command.replace("newrelic-admin run-program", ""))
+    assert args[:2] == ["python", "manage.py"], command
+    return [str(project.bin / "python"), *args[1:]]
+
+
+class Running:
+    """A process of the project (worker, beat, runserver) in its own process group, logging to a
+    file; stopped with SIGTERM, as Heroku and honcho stop processes."""
+
+    def __init__(self, project, args, env, log):
+        self.args, self.log = args, log
+        self.out = open(log, "a")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            args, cwd=project.path, env=project.env(**env), start_new_session=True,
+            stdout=self.out, stderr=subprocess.STDOUT,
+        )
+
+    def text(self):
+        return self.log.read_text()
+
+    def kill(self):
+        """SIGKILL the whole group, main process and pool children, as when a machine dies."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout=30):
+        """SIGTERM to the main process (a warm shutdown for a worker); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # Nothing of the group may outlive it (pool processes included).
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def processes():
+    started = []
+
+    def start(project, args, env, log):
+        running = Running(project, args, env, log)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop(timeout=10)
+
+
+def wait_for(predicate, timeout, message, interval=0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{message} (after {timeout} s)")
+
+
+def orm(project, env, code):
+    """Run Python with the project's models and print-return JSON, through manage.py shell."""
+    prelude = (
+        "import json\n"
+        f"from {NAME}.apps.celery_sample.models import Computation\n"
+        f"from {NAME}.apps.celery_sample.tasks import sum_squares\n"
+        "from django_celery_results.models import TaskResult\n"
+    )
+    result = project.manage("shell", "--no-imports", "-c", prelude + code, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def computations(project, env):
+    return orm(project, env, "print(json.dumps(list(Computation.objects.order_by('pk').values('pk', 'n', 'result', 'attempts'))))")
+
+
+def enqueue(project, env, count, n=100, seconds=1.0):
+    """Create `count` computations and enqueue their tasks from a separate process."""
+    return orm(project, env, (
+        f"pks = [Computation.objects.create(n={n}).pk for _ in range({count})]\n"
+        f"[sum_squares.delay(pk, {seconds}) for pk in pks]\n"
+        "print(json.dumps(pks))"
+    ))
+
+
+# --- a browser of sorts -----------------------------------------------------------------------
+
+
+class Browser:
+    def __init__(self, base):
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(self, path):
+        with self.opener.open(self.base + path, timeout=10) as response:
+            return response.url, response.read().decode()
+
+    def post(self, path, data):
+        _, page = self.get(path)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+        body = urllib.parse.urlencode({**data, "csrfmiddlewaretoken": token}).encode()
+        with self.opener.open(self.base + path, body, timeout=10) as response:  # follows the redirect
+            return response.url, response.read().decode()
+
+
+def field(page, name):
+    match = re.search(rf'<dd id="{name}">([^<]*)</dd>', page)
+    return match and match.group(1)
+
+
+def start_web(project, env, processes, tmp_path):
+    port = services.free_port()
+    args = [str(project.bin / "python"), "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"]
+    web = processes(project, args, env, tmp_path / "web.log")
+    services.wait_for_port(port, timeout=30)
+    return web, Browser(f"http://127.0.0.1:{port}")
+
+
+def run_sample_through_the_page(project, env, processes, tmp_path):
+    """The user's path: the hello page links to /celery/, whose form enqueues; the task's page
+    refreshes until a real worker process has run it, then shows SUCCESS and the result."""
+    env = {"WEB_CONCURRENCY": "2", **env}
+    web, browser = start_web(project, env, processes, tmp_path)
+    _, hello = browser.get("/")
+    assert 'href="/celery/"' in hello
+
+    # Enqueued while no worker runs: the page says PENDING and asks to be refreshed.
+    url, page = browser.post("/celery/", {"n": "1000", "seconds": "0.5"})
+    assert re.search(r"/celery/\d+/$", url), url
+    assert field(page, "state") == "PENDING" and 'http-equiv="refresh"' in page
+
+    worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+    path = urllib.parse.urlparse(url).path
+    page = wait_for(
+        lambda: (page := browser.get(path)[1]) and field(page, "state") == "SUCCESS" and page,
+        60, f"the task never succeeded:\n{worker.text()[-3000:]}",
+    )
+    assert field(page, "result") == str(sum_squares(1000))
+    assert field(page, "attempts") == "1" and 'http-equiv="refresh"' not in page
+    return worker, browser
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_request_enqueues_and_worker_runs_it(project, database, broker, request, processes, tmp_path):
+    server = request.getfixturevalue(broker)
+    env = {"DATABASE_URL": database, "REDIS_URL": "", "CLOUDAMQP_URL": ""}
+    env["REDIS_URL" if broker == "redis" else "CLOUDAMQP_URL"] = server.url
+
+    worker, browser = run_sample_through_the_page(project, env, processes, tmp_path)
+
+    assert f"Connected to {server.url.split('://')[0]}://" in worker.text()
+    # SIGTERM (Heroku's, honcho's) is a warm shutdown: the running task finishes, the exit code is 0.
+    [pk] = enqueue(project, env, 1, n=7, seconds=3)
+    wait_for(lambda: computations(project, env)[-1]["attempts"] == 1, 20, "the task never started")
+    assert worker.stop(timeout=30) == 0, worker.text()[-3000:]
+    assert "Warm shutdown" in worker.text()
+    last = computations(project, env)[-1]
+    assert (last["pk"], last["result"], last["attempts"]) == (pk, sum_squares(7), 1)
+
+
+def test_local_folder_queue_needs_no_server(project, processes, tmp_path):
+    """bin/dev's setup: no broker variable, SQLite, the worker from Procfile.dev on .celery/."""
+    env = {"REDIS_URL": "", "CLOUDAMQP_URL": ""}  # and no DATABASE_URL: SQLite
+    assert procfile_command(project, "worker", "Procfile.dev")[1:4] == ["manage.py", "celery", "worker"]
+
+    worker, _ = run_sample_through_the_page(project, env, processes, tmp_path)
+
+    assert "Connected to filesystem://" in worker.text()
+    assert (project.path / ".celery" / "queue").is_dir()
+    assert worker.stop() == 0
+
+
+def test_beat_fires_periodic_tasks_from_the_database(project, database, redis, processes, tmp_path):
+    env = {"DATABASE_URL": database, "REDIS_URL": redis.url, "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "2"}
+    # What a user does in the admin's "Periodic tasks": every second, the sample task.
+    [pk] = orm(project, env, (
+        "from django_celery_beat.models import IntervalSchedule, PeriodicTask\n"
+        "pk = Computation.objects.create(n=12).pk\n"
+        "every, _ = IntervalSchedule.objects.get_or_create(every=1, period='seconds')\n"
+        f"PeriodicTask.objects.update_or_create(name='ci-every-second', defaults=dict(interval=every, task='{SAMPLE_TASK}', args=json.dumps([pk, 0])))\n"
+        "print(json.dumps([pk]))"
+    ))
+    worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+    beat = processes(project, procfile_command(project, "scheduler"), env, tmp_path / "beat.log")
+
+    def runs():
+        return next(c["attempts"] for c in computations(project, env) if c["pk"] == pk)
+
+    wait_for(lambda: runs() >= 3, 45, f"beat did not fire:\n{beat.text()[-2000:]}\n{worker.text()[-2000:]}")
+    assert "DatabaseScheduler" in beat.text()
+    # CELERY_BEAT_SCHEDULE's entries are in the database too, for the admin to edit.
+    declared = orm(project, env, "from django_celery_beat.models import PeriodicTask\nprint(json.dumps(list(PeriodicTask.objects.values_list('name', flat=True))))")
+    assert "clear-expired-sessions" in declared
+    assert beat.stop() == 0
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_worker_killed_mid_run_loses_no_task(project, database, broker, request, processes, tmp_path):
+    server = request.getfixturevalue(broker)
+    # A short time limit, hence a short visibility timeout (2 x 3 s): Redis hands a lost task back
+    # after it. RabbitMQ hands it back as soon as the dead worker's connection drops.
+    env = {"DATABASE_URL": database, "REDIS_URL": "", "CLOUDAMQP_URL": "", "CELERY_TASK_TIME_LIMIT": "3", "WEB_CONCURRENCY": "2"}
+    env["REDIS_URL" if broker == "redis" else "CLOUDAMQP_URL"] = server.url
+    count = 8
+    pks = enqueue(project, env, count, n=50, seconds=1.5)
+    command = procfile_command(project, "worker")
+
+    worker = processes(project, command, env, tmp_path / "worker1.log")
+
+    def by_pk():
+        return {c["pk"]: c for c in computations(project, env) if c["pk"] in pks}
+
+    # Mid-run: tasks started, none finished. Then the machine dies.
+    wait_for(lambda: any(c["attempts"] for c in by_pk().values()), 30, f"no task started:\n{worker.text()[-2000:]}", interval=0.1)
+    worker.kill()
+    lost = [pk for pk, c in by_pk().items() if c["attempts"] and c["result"] is None]
+    assert lost, "the kill came too late to catch a task mid-run"
+    time.sleep(7)  # the visibility timeout (6 s) passes
+
+    worker = processes(project, command, env, tmp_path / "worker2.log")
+    done = wait_for(
+        lambda: (rows := by_pk()) and all(c["result"] is not None for c in rows.values()) and rows,
+        90, f"not every task completed:\n{worker.text()[-3000:]}",
+    )
+
+    assert sorted(done) == sorted(pks)
+    assert all(c["result"] == sum_squares(50) for c in done.values())
+    # The tasks that were running when the worker died ran again: at least once, never zero times.
+    assert all(done[pk]["attempts"] >= 2 for pk in lost)
+    assert worker.stop() == 0
+
+
+def test_worker_reconnects_after_redis_restarts(project, database, processes, tmp_path):
+    redis = services.redis().start()
+    try:
+        env = {"DATABASE_URL": database, "REDIS_URL": redis.url, "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "2"}
+        worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+        wait_for(lambda: "ready." in worker.text(), 30, "the worker did not start")
+        [first] = enqueue(project, env, 1, n=5, seconds=0)
+        wait_for(lambda: computations(project, env)[-1]["result"] == sum_squares(5), 30, "first task")
+
+        redis.stop()  # the broker goes away...
+        time.sleep(3)
+        redis.start()  # ...and comes back (empty: nothing was saved), on the same port
+
+        [second] = enqueue(project, env, 1, n=6, seconds=0)
+        wait_for(
+            lambda: computations(project, env)[-1]["result"] == sum_squares(6), 60,
+            f"the task after the restart never ran:\n{worker.text()[-3000:]}",
+        )
+        assert worker.proc.poll() is None, "the worker exited instead of reconnecting"
+        assert worker.text().count("Connected to redis://") >= 2
+        assert worker.stop() == 0
+    finally:
+        redis.close()
