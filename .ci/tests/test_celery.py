@@ -314,3 +314,31 @@ def test_worker_reconnects_after_redis_restarts(project, database, processes, tm
         assert worker.stop() == 0
     finally:
         redis.close()
+
+
+def test_heroku_key_value_store_tls_with_self_signed_certificate(project, database, processes, tmp_path):
+    """Heroku Key-Value Store: a rediss:// address whose certificate is self-signed."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kvs-ci",
+         "-keyout", tmp_path / "key.pem", "-out", tmp_path / "cert.pem"],
+        check=True, capture_output=True,
+    )
+    port = services.free_port()
+    redis = services.Process([
+        services.require("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", tmp_path / "cert.pem", "--tls-key-file", tmp_path / "key.pem",
+        "--tls-ca-cert-file", tmp_path / "cert.pem", "--tls-auth-clients", "no",
+        "--save", "", "--appendonly", "no",
+    ], port).start()
+    try:
+        env = {"DATABASE_URL": database, "REDIS_URL": f"rediss://127.0.0.1:{port}/0", "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "1"}
+        worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+        [pk] = enqueue(project, env, 1, n=9, seconds=0)
+        wait_for(
+            lambda: computations(project, env)[-1]["result"] == sum_squares(9), 30,
+            f"no task over TLS:\n{worker.text()[-3000:]}",
+        )
+        assert f"Connected to rediss://127.0.0.1:{port}/0" in worker.text()
+        assert worker.stop() == 0
+    finally:
+        redis.close()
