@@ -247,6 +247,42 @@ def test_load_gives_no_errors_and_bounded_connections(dynos, postgres, path, con
         assert sampler.peak("web") >= 1
 
 
+def test_a_request_waiting_too_long_for_a_pooled_connection_fails_clearly(released, config):
+    """One worker with a pool of one connection: a second request waits DATABASE_POOL_TIMEOUT,
+    then fails with PoolTimeout in the log, instead of hanging until the router gives up."""
+    port = stack.services.free_port()
+    env = {**config, "PORT": str(port), "WEB_CONCURRENCY": "1",
+           "DATABASE_POOL_SIZE": "1", "DATABASE_POOL_TIMEOUT": "1"}
+    log = released.path / "pool-timeout.log"
+    with open(log, "w") as out:
+        web = stack.subprocess.Popen(
+            ["gunicorn", "--config", "gunicorn.conf.py"], cwd=released.path,
+            env=released.env(env), stdout=out, stderr=stack.subprocess.STDOUT,
+        )
+    try:
+        stack.wait_for_200(f"http://127.0.0.1:{port}/", timeout=60)
+        answers = {}
+
+        def call(name):
+            started = time.monotonic()
+            status, _ = stack.get(f"http://127.0.0.1:{port}/parity/sleep/?s=8", timeout=30)
+            answers[name] = (status, time.monotonic() - started)
+
+        first = threading.Thread(target=call, args=("first",))
+        first.start()
+        time.sleep(0.5)
+        call("second")
+        first.join(30)
+    finally:
+        web.terminate()
+        web.wait(30)
+
+    assert answers["first"][0] == 200
+    status, took = answers["second"]
+    assert status == 500 and took < 6, answers  # failed after about 1 s, not after the 8 s wait
+    assert "couldn't get a connection after 1.00 sec" in log.read_text()
+
+
 def test_postgres_restart_under_load_recovers_without_restarting_the_app(dynos, postgres):
     master = dynos.gunicorn_master().pid
     load = threading.Thread(target=stack.wrk, args=(dynos.url("/parity/db/"), 32, 6))
