@@ -17,7 +17,7 @@ from conftest import NAME, SEED_COMMAND, TEMPLATE, readme_command, render, servi
 # What every new project holds (a file the template adds later may be missing here, never the reverse).
 EXPECTED = [
     ".gitignore", ".pre-commit-config.yaml", ".python-version", "Procfile", "Procfile.dev",
-    "README.md", "bin/dev", "bin/setup", "bin/test", "conftest.py", "gunicorn.conf.py",
+    "README.md", "app.json", "fabfile.py", "fabric.yaml", "bin/dev", "bin/setup", "bin/test", "conftest.py", "gunicorn.conf.py",
     "manage.py", "pyproject.toml", "requirements.txt", "reqs/common.txt", "reqs/dev.txt",
     "reqs/prod.txt", "app_template/apps.py", "app_template/urls.py", "app_template/views.py",
     "app_template/tests.py", "app_template/jinja2/app_name/index.html",
