@@ -1,0 +1,808 @@
+"""
+A stand-in for Heroku's Platform API on 127.0.0.1, for driving the real Heroku CLI in tests.
+
+It keeps state (apps, add-ons and their attachments, config vars, features, releases, slugs,
+formation, pipelines, couplings, promotions, Postgres backup schedules) and answers like Heroku,
+and it REJECTS any request whose route or body does not match Heroku's published JSON hyper-schema
+(../shared/heroku/platform-api-schema.json beside the checkout): an unknown route gets 404, a body
+that fails the link's schema (or carries a property the schema does not name) gets 422, and both
+are kept in `rejected` for the tests to assert on. Path parameters are checked against the schema's
+identity definitions too.
+
+Also served, outside that schema: the few Heroku Data routes that `pg:backups:*` calls (the CLI
+sends them to HEROKU_DATA_HOST, here the same server), and a refusing HTTPS proxy: the CLI reaches
+GitHub-side hosts directly (`pipelines:diff`), so tests set HTTPS_PROXY to this server, which answers
+CONNECT with 403 and records the host, and nothing leaves the machine.
+"""
+
+import hashlib
+import itertools
+import json
+import re
+import threading
+import urllib.parse
+import uuid
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import jsonschema
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT4
+
+BASE = "urn:heroku-platform-api"
+
+# What each add-on service sets in its app's config, as Heroku's add-ons do.
+ADDON_CONFIG = {
+    "heroku-postgresql": {"DATABASE_URL": "postgres://u:p@ec2-0-0-0-0.compute.amazonaws.com:5432/d"},
+    "heroku-redis": {"REDIS_URL": "rediss://:p@ec2-0-0-0-0.compute.amazonaws.com:6380"},
+    "memcachier": {
+        "MEMCACHIER_SERVERS": "mc1.dev.ec2.memcachier.com:11211",
+        "MEMCACHIER_USERNAME": "user",
+        "MEMCACHIER_PASSWORD": "password",
+    },
+    "papertrail": {"PAPERTRAIL_API_TOKEN": "token"},
+    "newrelic": {"NEW_RELIC_LICENSE_KEY": "key", "NEW_RELIC_LOG": "stdout"},
+    "scheduler": {},
+    "mailgun": {
+        "MAILGUN_SMTP_SERVER": "smtp.mailgun.org",
+        "MAILGUN_SMTP_LOGIN": "postmaster@example.mailgun.org",
+        "MAILGUN_SMTP_PASSWORD": "password",
+        "MAILGUN_SMTP_PORT": "587",
+    },
+}
+ATTACH_AS = {
+    "heroku-postgresql": "DATABASE",
+    "heroku-redis": "REDIS",
+    "memcachier": "MEMCACHIER",
+    "papertrail": "PAPERTRAIL",
+    "newrelic": "NEW_RELIC",
+    "scheduler": "SCHEDULER",
+    "mailgun": "MAILGUN",
+}
+# Plans the stand-in knows; a service's default plan comes first.
+PLANS = {
+    "heroku-postgresql": ["essential-0", "essential-1", "standard-0"],
+    "heroku-redis": ["mini", "premium-0"],
+    "memcachier": ["dev", "100"],
+    "papertrail": ["choklad", "fixa"],
+    "newrelic": ["wayne"],
+    "scheduler": ["standard"],
+    "mailgun": ["starter", "foundation"],
+}
+APP_FEATURES = ["runtime-dyno-metadata", "preboot", "http-session-affinity"]
+REGIONS = {"us": "United States", "eu": "Europe"}
+EMAIL = "developer@example.com"
+ACCOUNT_ID = str(uuid.UUID(int=1))
+
+
+def now():
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class HerokuError(Exception):
+    def __init__(self, status, id, message, **extra):
+        super().__init__(message)
+        self.status, self.body = status, {"id": id, "message": message, **extra}
+
+
+class Rejected(HerokuError):
+    """The request does not match the Platform API's schema."""
+
+
+def not_found(what):
+    return HerokuError(404, "not_found", f"Couldn't find that {what}.", resource=what)
+
+
+class Schema:
+    """Routes and request bodies from the Platform API's hyper-schema."""
+
+    def __init__(self, path):
+        self.root = json.loads(Path(path).read_text())
+        self.registry = Registry().with_resource(
+            BASE, Resource(contents=self.root, specification=DRAFT4)
+        )
+        self.routes = []
+        for name, definition in self.root["definitions"].items():
+            for index, link in enumerate(definition.get("links", [])):
+                if "method" not in link:
+                    continue
+                refs = [urllib.parse.unquote(m) for m in re.findall(r"\{\((.*?)\)\}", link["href"])]
+                pattern = re.sub(r"\{\(.*?\)\}", "([^/]+)", link["href"])
+                pointer = f"#/definitions/{name}/links/{index}/schema"
+                self.routes.append(
+                    (link["method"], re.compile(f"^{pattern}$"), refs, name, link, pointer)
+                )
+
+    def validator(self, pointer):
+        return jsonschema.Draft4Validator({"$ref": BASE + pointer}, registry=self.registry)
+
+    def errors(self, pointer, value):
+        return [e.message for e in self.validator(pointer).iter_errors(value)]
+
+    def match(self, method, path, body):
+        """(definition, link title, params) for the request, or raise HerokuError."""
+        candidates = []
+        for verb, regex, refs, name, link, pointer in self.routes:
+            found = regex.match(path)
+            if verb != method or not found:
+                continue
+            params = [urllib.parse.unquote(v) for v in found.groups()]
+            bad = [
+                f"{value!r}: {msg}"
+                for ref, value in zip(refs, params, strict=True)
+                if value != "~"
+                for msg in self.errors(ref, value)
+            ]
+            if bad:
+                candidates.append((None, bad))
+                continue
+            if "schema" in link:
+                problems = self.errors(pointer, body if body is not None else {})
+                known = set(link["schema"].get("properties", {}))
+                if isinstance(body, dict) and known and not link["schema"].get("patternProperties"):
+                    problems += [f"{key!r} is not a property of this request" for key in body.keys() - known]
+                if problems:
+                    candidates.append((None, problems))
+                    continue
+            elif body not in (None, {}):
+                candidates.append((None, ["this route takes no body"]))
+                continue
+            return name, link["title"], params
+        if not candidates:
+            raise Rejected(404, "not_found", f"No {method} {path} in the Platform API schema.")
+        raise Rejected(
+            422, "invalid_params", "; ".join(p for _, problems in candidates for p in problems)
+        )
+
+
+class Platform:
+    """Heroku's state and behaviour, as far as the CLI's commands in these tests need it."""
+
+    def __init__(self, port):
+        self.port = port
+        self.lock = threading.RLock()
+        self.apps = {}  # name -> app dict (with private keys starting with "_")
+        self.addons = {}  # id -> add-on dict
+        self.attachments = {}  # id -> attachment dict
+        self.pipelines = {}  # id -> pipeline
+        self.couplings = {}  # id -> coupling
+        self.promotions = {}  # id -> promotion (with "_targets")
+        self.schedules = {}  # add-on id -> [transfer schedule]
+        self.backups = {}  # add-on id -> [backup transfer]
+        self.fail_addons = set()  # services whose creation fails (to test a failure mid-way)
+        self.numbers = itertools.count(1000)
+
+    # --- Lookups ----------------------------------------------------------------------------
+
+    def app(self, ident):
+        for app in self.apps.values():
+            if ident in (app["id"], app["name"]):
+                return app
+        raise not_found("app")
+
+    def pipeline(self, ident):
+        for pipeline in self.pipelines.values():
+            if ident in (pipeline["id"], pipeline["name"]):
+                return pipeline
+        raise not_found("pipeline")
+
+    def addon(self, ident, app=None):
+        for addon in self.addons.values():
+            if ident in (addon["id"], addon["name"]) and (app is None or addon["app"]["id"] == app["id"]):
+                return addon
+        raise not_found("add-on")
+
+    def release(self, app, ident):
+        for release in app["_releases"]:
+            if ident in (release["id"], str(release["version"]), f"v{release['version']}"):
+                return release
+        raise not_found("release")
+
+    @staticmethod
+    def ref(thing):
+        return {"id": thing["id"], "name": thing["name"]}
+
+    def public(self, app):
+        return {k: v for k, v in app.items() if not k.startswith("_")}
+
+    # --- Changes that make releases, as on Heroku ---------------------------------------------
+
+    def add_release(self, app, description, slug=None):
+        current = app["_releases"][-1] if app["_releases"] else None
+        for release in app["_releases"]:
+            release["current"] = False
+        release = {
+            "id": str(uuid.uuid4()),
+            "version": len(app["_releases"]) + 1,
+            "description": description,
+            "status": "succeeded",
+            "current": True,
+            "eligible_for_rollback": True,
+            "slug": slug if slug is not None else (current or {}).get("slug"),
+            "oci_image": None,
+            "app": self.ref(app),
+            "user": {"id": ACCOUNT_ID, "email": EMAIL},
+            "addon_plan_names": [a["plan"]["name"] for a in self.app_addons(app)],
+            "artifacts": [],
+            "output_stream_url": None,
+            "created_at": now(),
+            "updated_at": now(),
+            "_config": dict(app["_config"]),
+        }
+        app["_releases"].append(release)
+        app["released_at"] = release["created_at"]
+        return release
+
+    def set_config(self, app, changes, description=None):
+        for key, value in changes.items():
+            if value is None:
+                app["_config"].pop(key, None)
+            else:
+                app["_config"][key] = value
+        keys = ", ".join(changes)
+        self.add_release(app, description or f"Set {keys} config vars")
+
+    def app_addons(self, app):
+        return [a for a in self.addons.values() if a["app"]["id"] == app["id"]]
+
+    def formation(self, app):
+        slug = (app["_releases"][-1]["slug"] if app["_releases"] else None) or {}
+        types = app["_slugs"].get(slug.get("id"), {}).get("process_types", {})
+        out = []
+        for kind, command in types.items():
+            quantity = app["_formation"].setdefault(kind, 1 if kind == "web" else 0)
+            out.append(
+                {
+                    "id": str(uuid.uuid5(uuid.NAMESPACE_URL, app["id"] + kind)),
+                    "type": kind,
+                    "command": command,
+                    "quantity": quantity,
+                    "size": "Basic",
+                    "app": self.ref(app),
+                    "created_at": app["created_at"],
+                    "updated_at": now(),
+                }
+            )
+        return out
+
+    # --- Handlers: (definition, link title) -> method -------------------------------------------
+
+    def handle(self, name, title, params, body, query, headers):
+        handler = getattr(self, re.sub(r"\W+", "_", f"{name} {title}").lower(), None)
+        if handler is None:
+            raise HerokuError(501, "not_implemented", f"The stand-in has no handler for {name} {title}.")
+        with self.lock:
+            return handler(*params, body=body or {}, query=query, headers=headers)
+
+    def account_info(self, **_):
+        return 200, {
+            "id": ACCOUNT_ID,
+            "email": EMAIL,
+            "name": "Developer",
+            "verified": True,
+            "two_factor_authentication": False,
+            "allow_tracking": False,
+            "beta": False,
+            "delinquent_at": None,
+            "suspended_at": None,
+            "created_at": "2020-01-01T00:00:00Z",
+            "updated_at": "2020-01-01T00:00:00Z",
+            "default_organization": None,
+            "default_team": None,
+            "identity_provider": None,
+            "sms_number": None,
+            "federated": False,
+        }
+
+    def account_feature_info(self, feature, **_):
+        raise not_found("feature")
+
+    def create_app(self, body, team=None):
+        name = body.get("name") or f"app-{next(self.numbers)}"
+        if any(a["name"] == name for a in self.apps.values()):
+            raise HerokuError(422, "invalid_params", f"Name {name} is already taken")
+        region = body.get("region") or "us"
+        if region not in REGIONS:
+            raise not_found("region")
+        app_id = str(uuid.uuid4())
+        host = f"{name}-{hashlib.sha1(app_id.encode()).hexdigest()[:12]}.herokuapp.com"
+        app = {
+            "id": app_id,
+            "name": name,
+            "region": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, region)), "name": region},
+            "stack": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, "heroku-24")), "name": "heroku-24"},
+            "build_stack": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, "heroku-24")), "name": "heroku-24"},
+            "git_url": f"https://git.heroku.com/{name}.git",
+            "web_url": f"https://{host}/",
+            "owner": {"id": ACCOUNT_ID, "email": EMAIL},
+            "team": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, team)), "name": team} if team else None,
+            "organization": None,
+            "space": None,
+            "internal_routing": None,
+            "acm": False,
+            "archived_at": None,
+            "buildpack_provided_description": None,
+            "build_stack_id": None,
+            "create_status": "complete",
+            "created_at": now(),
+            "updated_at": now(),
+            "released_at": None,
+            "maintenance": False,
+            "repo_size": None,
+            "slug_size": None,
+            "generation": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, "cedar")), "name": "cedar"},
+            "_config": {},
+            "_releases": [],
+            "_slugs": {},
+            "_formation": {},
+            "_features": dict.fromkeys(APP_FEATURES, False),
+        }
+        self.apps[name] = app
+        self.add_release(app, "Initial release")
+        return 201, self.public(app)
+
+    def app_create(self, body, **_):
+        return self.create_app(body)
+
+    def team_app_create(self, body, **_):
+        return self.create_app(body, team=body.get("team"))
+
+    def app_info(self, ident, **_):
+        return 200, self.public(self.app(ident))
+
+    def app_list(self, **_):
+        return 200, [self.public(a) for a in self.apps.values()]
+
+    def app_delete(self, ident, **_):
+        app = self.app(ident)
+        del self.apps[app["name"]]
+        return 200, self.public(app)
+
+    def dyno_list(self, ident, **_):
+        self.app(ident)
+        return 200, []
+
+    def collaborator_list(self, ident, **_):
+        self.app(ident)
+        return 200, []
+
+    # Add-ons
+
+    def add_on_create(self, ident, body, **_):
+        app = self.app(ident)
+        plan = body["plan"] if isinstance(body["plan"], str) else body["plan"].get("name", "")
+        service, _, plan_name = plan.partition(":")
+        if service not in PLANS or (plan_name and plan_name not in PLANS[service]):
+            raise HerokuError(
+                422,
+                "invalid_params",
+                f'Couldn\'t find either the add-on service or the add-on plan of "{plan}".',
+            )
+        if service in self.fail_addons:
+            raise HerokuError(
+                422, "provider_error", f"{plan} could not be provisioned: the provider is unavailable."
+            )
+        plan_name = plan_name or PLANS[service][0]
+        number = next(self.numbers)
+        prefix = service.removeprefix("heroku-")
+        addon = {
+            "id": str(uuid.uuid4()),
+            "name": f"{prefix}-example-{number}",
+            "addon_service": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, service)), "name": service},
+            "plan": {
+                "id": str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{service}:{plan_name}")),
+                "name": f"{service}:{plan_name}",
+            },
+            "app": self.ref(app),
+            "billing_entity": {"id": app["id"], "name": app["name"], "type": "app"},
+            "billed_price": {"cents": 0, "contract": False, "unit": "month"},
+            "config_vars": list(ADDON_CONFIG[service]),
+            "actions": [],
+            "provider_id": str(number),
+            "state": "provisioned",
+            "web_url": f"https://addons-sso.heroku.com/apps/{app['id']}/addons/{number}",
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        attachment_name = (body.get("attachment") or {}).get("name") or ATTACH_AS[service]
+        config = dict(ADDON_CONFIG[service])
+        taken = {a["name"] for a in self.attachments.values() if a["app"]["id"] == app["id"]}
+        if attachment_name in taken:  # a second add-on of a service gets a color name, as on Heroku
+            attachment_name = f"HEROKU_{prefix.upper()}_{number}"
+            config = {f"{attachment_name}_URL": next(iter(config.values()), "")}
+        self.addons[addon["id"]] = addon
+        attachment = {
+            "id": str(uuid.uuid4()),
+            "name": attachment_name,
+            "addon": {"id": addon["id"], "name": addon["name"], "app": self.ref(app)},
+            "app": self.ref(app),
+            "namespace": None,
+            "log_input_url": None,
+            "web_url": addon["web_url"],
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        self.attachments[attachment["id"]] = attachment
+        self.set_config(app, config, f"Attach {attachment_name} (@ref:{addon['name']})")
+        return 201, addon
+
+    def add_on_list_by_app(self, ident, **_):
+        return 200, self.app_addons(self.app(ident))
+
+    def add_on_info(self, ident, **_):
+        return 200, self.addon(ident)
+
+    def add_on_info_by_app(self, app_ident, ident, **_):
+        return 200, self.addon(ident, self.app(app_ident))
+
+    def add_on_list(self, **_):
+        return 200, list(self.addons.values())
+
+    def add_on_resolution(self, body, **_):
+        app = self.app(body["app"]) if body.get("app") else None
+        found = [
+            a
+            for a in self.addons.values()
+            if body["addon"] in (a["id"], a["name"])
+            and (app is None or a["app"]["id"] == app["id"])
+            and body.get("addon_service") in (None, a["addon_service"]["name"])
+        ]
+        if not found:
+            raise not_found("add-on")
+        return 200, found
+
+    def add_on_attachment_resolution(self, body, **_):
+        app = self.app(body["app"]) if body.get("app") else None
+        wanted = body["addon_attachment"]
+        found = []
+        for attachment in self.attachments.values():
+            addon = self.addons[attachment["addon"]["id"]]
+            if app and attachment["app"]["id"] != app["id"]:
+                continue
+            if body.get("addon_service") not in (None, addon["addon_service"]["name"]):
+                continue
+            if wanted in (attachment["id"], attachment["name"], attachment["name"] + "_URL"):
+                found.append(attachment)
+        if not found:
+            raise not_found("add-on attachment")
+        return 200, found
+
+    def add_on_attachment_list_by_app(self, ident, **_):
+        app = self.app(ident)
+        return 200, [a for a in self.attachments.values() if a["app"]["id"] == app["id"]]
+
+    def add_on_attachment_list_by_add_on(self, ident, **_):
+        addon = self.addon(ident)
+        return 200, [a for a in self.attachments.values() if a["addon"]["id"] == addon["id"]]
+
+    # Config vars and features
+
+    def config_var_info_for_app(self, ident, **_):
+        return 200, dict(self.app(ident)["_config"])
+
+    def config_var_update(self, ident, body, **_):
+        app = self.app(ident)
+        self.set_config(app, body)
+        return 200, dict(app["_config"])
+
+    def feature(self, app, name):
+        if name not in app["_features"]:
+            raise not_found("feature")
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
+            "name": name,
+            "enabled": app["_features"][name],
+            "state": "beta",
+            "description": name,
+            "doc_url": f"https://devcenter.heroku.com/articles/{name}",
+            "display_name": name,
+            "feedback_email": "",
+            "created_at": app["created_at"],
+            "updated_at": now(),
+        }
+
+    def app_feature_info(self, ident, name, **_):
+        return 200, self.feature(self.app(ident), name)
+
+    def app_feature_list(self, ident, **_):
+        app = self.app(ident)
+        return 200, [self.feature(app, n) for n in app["_features"]]
+
+    def app_feature_update(self, ident, name, body, **_):
+        app = self.app(ident)
+        self.feature(app, name)
+        app["_features"][name] = body["enabled"]
+        return 200, self.feature(app, name)
+
+    # Releases, slugs, formation
+
+    def release_list(self, ident, headers, **_):
+        releases = [self.public(r) for r in self.app(ident)["_releases"]]
+        if "order=desc" in headers.get("Range", ""):
+            releases.reverse()
+        match = re.search(r"max=(\d+)", headers.get("Range", ""))
+        return 200, releases[: int(match.group(1))] if match else releases
+
+    def release_info(self, ident, release, **_):
+        return 200, self.public(self.release(self.app(ident), release))
+
+    def release_create(self, ident, body, **_):
+        app = self.app(ident)
+        slug = app["_slugs"].get(body["slug"])
+        if not slug:
+            raise not_found("slug")
+        commit = (slug.get("commit") or "")[:8]
+        release = self.add_release(app, body.get("description") or f"Deploy {commit}", {"id": slug["id"]})
+        return 201, self.public(release)
+
+    def release_rollback(self, ident, body, **_):
+        app = self.app(ident)
+        target = self.release(app, body["release"])
+        app["_config"] = dict(target["_config"])
+        release = self.add_release(app, f"Rollback to v{target['version']}", target["slug"])
+        return 201, self.public(release)
+
+    def slug_create(self, ident, body, **_):
+        app = self.app(ident)
+        slug = {
+            "id": str(uuid.uuid4()),
+            "blob": {"method": "PUT", "url": f"http://127.0.0.1:{self.port}/slug-blob"},
+            "buildpack_provided_description": body.get("buildpack_provided_description"),
+            "checksum": body.get("checksum"),
+            "commit": body.get("commit"),
+            "commit_description": body.get("commit_description"),
+            "process_types": body["process_types"],
+            "size": None,
+            "stack": app["stack"],
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        app["_slugs"][slug["id"]] = slug
+        return 201, slug
+
+    def slug_info(self, ident, slug, **_):
+        found = self.app(ident)["_slugs"].get(slug)
+        if not found:
+            raise not_found("slug")
+        return 200, found
+
+    def formation_list(self, ident, **_):
+        return 200, self.formation(self.app(ident))
+
+    def formation_batch_update(self, ident, body, **_):
+        app = self.app(ident)
+        types = {f["type"] for f in self.formation(app)}
+        for update in body["updates"]:
+            if update["type"] not in types:
+                raise HerokuError(404, "not_found", f"Couldn't find that process type ({update['type']}).")
+        for update in body["updates"]:
+            if "quantity" in update:
+                app["_formation"][update["type"]] = update["quantity"]
+        return 200, [f for f in self.formation(app) if f["type"] in {u["type"] for u in body["updates"]}]
+
+    # Pipelines
+
+    def pipeline_create(self, body, **_):
+        if any(p["name"] == body["name"] for p in self.pipelines.values()):
+            raise HerokuError(422, "invalid_params", "Name has already been taken")
+        owner = body.get("owner") or {"id": ACCOUNT_ID, "type": "user"}
+        pipeline = {
+            "id": str(uuid.uuid4()),
+            "name": body["name"],
+            "owner": owner,
+            "generation": {"id": str(uuid.uuid5(uuid.NAMESPACE_DNS, "cedar")), "name": "cedar"},
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        self.pipelines[pipeline["id"]] = pipeline
+        return 201, pipeline
+
+    def pipeline_info(self, ident, **_):
+        return 200, self.pipeline(ident)
+
+    def pipeline_list(self, **_):
+        return 200, list(self.pipelines.values())
+
+    def coupling_of(self, app):
+        for coupling in self.couplings.values():
+            if coupling["app"]["id"] == app["id"]:
+                return coupling
+        return None
+
+    def pipeline_coupling_create(self, body, **_):
+        app = self.app(body["app"])
+        pipeline = self.pipeline(body["pipeline"])
+        if self.coupling_of(app):
+            raise HerokuError(422, "invalid_params", "App is already in a pipeline")
+        coupling = {
+            "id": str(uuid.uuid4()),
+            "app": {"id": app["id"]},
+            "pipeline": {"id": pipeline["id"]},
+            "stage": body["stage"],
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        self.couplings[coupling["id"]] = coupling
+        return 201, coupling
+
+    def pipeline_coupling_info_by_app(self, ident, **_):
+        coupling = self.coupling_of(self.app(ident))
+        if not coupling:
+            raise not_found("pipeline coupling")
+        pipeline = self.pipelines[coupling["pipeline"]["id"]]
+        return 200, {**coupling, "pipeline": {"id": pipeline["id"], "name": pipeline["name"]}}
+
+    def pipeline_coupling_list_by_pipeline(self, ident, **_):
+        pipeline = self.pipeline(ident)
+        return 200, [c for c in self.couplings.values() if c["pipeline"]["id"] == pipeline["id"]]
+
+    def pipeline_coupling_list(self, **_):
+        return 200, list(self.couplings.values())
+
+    def pipeline_promotion_create(self, body, **_):
+        pipeline = self.pipeline(body["pipeline"]["id"])
+        source = self.app(body["source"]["app"]["id"])
+        current = source["_releases"][-1]
+        if not current["slug"]:
+            raise HerokuError(422, "invalid_params", f"{source['name']} has no release to promote")
+        promotion = {
+            "id": str(uuid.uuid4()),
+            "pipeline": {"id": pipeline["id"]},
+            "source": {"app": {"id": source["id"]}, "release": {"id": current["id"]}},
+            "status": "completed",
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        targets = []
+        for target in body["targets"]:
+            app = self.app(target["app"]["id"])
+            release = self.add_release(
+                app, f"Promote {source['name']} v{current['version']}", current["slug"]
+            )
+            app["_slugs"].update(source["_slugs"])
+            targets.append(
+                {
+                    "id": str(uuid.uuid4()),
+                    "app": {"id": app["id"]},
+                    "release": {"id": release["id"]},
+                    "pipeline_promotion": {"id": promotion["id"]},
+                    "status": "succeeded",
+                    "error_message": None,
+                }
+            )
+        self.promotions[promotion["id"]] = {**promotion, "_targets": targets}
+        return 201, promotion
+
+    def pipeline_promotion_info(self, ident, **_):
+        promotion = self.promotions.get(ident) or {}
+        if not promotion:
+            raise not_found("pipeline promotion")
+        return 200, {k: v for k, v in promotion.items() if k != "_targets"}
+
+    def pipeline_promotion_target_list(self, ident, **_):
+        return 200, self.promotions[ident]["_targets"] if ident in self.promotions else []
+
+    # Heroku Data (pg:backups), outside the Platform API schema
+
+    def data(self, method, path, body):
+        with self.lock:
+            found = re.fullmatch(r"/client/v11/databases/([^/]+)(/transfer-schedules|/backups)?", path)
+            if not found:
+                raise HerokuError(404, "not_found", f"No {method} {path} in Heroku Data's API.")
+            addon = self.addon(found.group(1))
+            if addon["addon_service"]["name"] != "heroku-postgresql":
+                raise not_found("database")
+            part = found.group(2)
+            if method == "GET" and not part:
+                return 200, {"info": [{"name": "Plan", "values": ["Essential 0"]}], "plan": "essential-0"}
+            if part == "/transfer-schedules" and method == "POST":
+                if set(body) != {"hour", "timezone", "schedule_name"}:
+                    raise HerokuError(422, "invalid_params", f"bad schedule: {body}")
+                schedules = self.schedules.setdefault(addon["id"], [])
+                schedules[:] = [s for s in schedules if s["name"] != body["schedule_name"]]
+                schedule = {"name": body["schedule_name"], "hour": int(body["hour"]), "timezone": body["timezone"]}
+                schedules.append(schedule)
+                return 201, schedule
+            if part == "/transfer-schedules" and method == "GET":
+                return 200, self.schedules.get(addon["id"], [])
+            if part == "/backups" and method == "POST":
+                backups = self.backups.setdefault(addon["id"], [])
+                backup = {
+                    "uuid": str(uuid.uuid4()),
+                    "num": len(backups) + 1,
+                    "from_name": "DATABASE",
+                    "to_type": "gof3r",
+                    "succeeded": True,
+                    "finished_at": now(),
+                    "created_at": now(),
+                }
+                backups.append(backup)
+                return 200, backup
+            raise HerokuError(404, "not_found", f"No {method} {path} in Heroku Data's API.")
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "heroku-standin"
+
+    def log_message(self, *args):
+        pass
+
+    def do_CONNECT(self):  # noqa: N802 (http.server's names)
+        self.server.connects.append(self.path)
+        self.send_response(403, "No network in tests")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802
+        self.answer("GET")
+
+    def do_POST(self):  # noqa: N802
+        self.answer("POST")
+
+    def do_PATCH(self):  # noqa: N802
+        self.answer("PATCH")
+
+    def do_PUT(self):  # noqa: N802
+        self.answer("PUT")
+
+    def do_DELETE(self):  # noqa: N802
+        self.answer("DELETE")
+
+    def answer(self, method):
+        server = self.server
+        url = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            body = "<not JSON>"
+        record = {"method": method, "path": url.path, "body": body, "query": url.query}
+        server.requests.append(record)
+        try:
+            if url.path.startswith("/client/v11/"):
+                status, out = server.platform.data(method, url.path, body or {})
+            else:
+                name, title, params = server.schema.match(method, url.path, body)
+                record["link"] = f"{name} {title}"
+                status, out = server.platform.handle(
+                    name, title, params, body, urllib.parse.parse_qs(url.query), self.headers
+                )
+        except HerokuError as error:
+            status, out = error.status, error.body
+            if isinstance(error, Rejected) or status == 501:
+                server.rejected.append({**record, "why": error.body["message"]})
+        record["status"] = status
+        data = json.dumps(out).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Request-Id", str(uuid.uuid4()))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class StandIn(ThreadingHTTPServer):
+    """The server: `url`, `platform` (the state), `requests`, `rejected`, `connects`."""
+
+    daemon_threads = True
+
+    def __init__(self, schema_path):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.schema = Schema(schema_path)
+        self.platform = Platform(self.server_address[1])
+        self.requests, self.rejected, self.connects = [], [], []
+        self.thread = None
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def start(self):
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
