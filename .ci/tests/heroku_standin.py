@@ -31,6 +31,16 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 BASE = "urn:heroku-platform-api"
+# Where the real CLI sends what the published schema does not describe, and Heroku accepts it:
+# (definition, link title, property) whose value the CLI wraps as {"name": ...}; it is checked
+# unwrapped. Each use is counted in StandIn.leniencies.
+WRAPPED_IDENTITIES = {("add-on", "Create", "plan")}
+# `ps:scale` sends quantities as strings ("1"); Heroku takes them, the schema says integer: a
+# digit string is checked as the integer it names.
+STRING_QUANTITIES = {("formation", "Batch Update")}
+# Properties the real CLI sends that the published schema does not name (it allows them: its
+# objects are open; this stand-in is stricter and names each one it lets through).
+EXTRA_PROPERTIES = {("pipeline", "Create"): {"generation"}}
 
 # What each add-on service sets in its app's config, as Heroku's add-ons do.
 ADDON_CONFIG = {
@@ -103,6 +113,7 @@ class Schema:
             BASE, Resource(contents=self.root, specification=DRAFT4)
         )
         self.routes = []
+        self.leniencies = []
         for name, definition in self.root["definitions"].items():
             for index, link in enumerate(definition.get("links", [])):
                 if "method" not in link:
@@ -138,10 +149,28 @@ class Schema:
                 candidates.append((None, bad))
                 continue
             if "schema" in link:
-                problems = self.errors(pointer, body if body is not None else {})
+                checked = body
+                if isinstance(body, dict):
+                    checked = dict(body)
+                    for prop in [p for d, t, p in WRAPPED_IDENTITIES if (d, t) == (name, link["title"])]:
+                        value = checked.get(prop)
+                        if isinstance(value, dict) and list(value) in (["name"], ["id"]):
+                            checked[prop] = next(iter(value.values()))
+                            self.leniencies.append(f"{name} {link['title']}: {prop} as {value}")
+                if (name, link["title"]) in STRING_QUANTITIES and isinstance(body, dict):
+                    updates = [dict(u) for u in body.get("updates", []) if isinstance(u, dict)]
+                    for update in updates:
+                        if isinstance(update.get("quantity"), str) and update["quantity"].isdigit():
+                            update["quantity"] = int(update["quantity"])
+                            self.leniencies.append(f"{name} {link['title']}: quantity as a string")
+                    checked = {**checked, "updates": updates}
+                problems = self.errors(pointer, checked if checked is not None else {})
                 known = set(link["schema"].get("properties", {}))
                 if isinstance(body, dict) and known and not link["schema"].get("patternProperties"):
-                    problems += [f"{key!r} is not a property of this request" for key in body.keys() - known]
+                    extra = body.keys() - known
+                    if allowed := extra & EXTRA_PROPERTIES.get((name, link["title"]), set()):
+                        self.leniencies.append(f"{name} {link['title']}: {sorted(allowed)} let through")
+                    problems += [f"{key!r} is not a property of this request" for key in extra - allowed]
                 if problems:
                     candidates.append((None, problems))
                     continue
@@ -295,6 +324,11 @@ class Platform:
             "federated": False,
         }
 
+    def account_info_by_user(self, ident, **_):
+        if ident not in ("~", ACCOUNT_ID, EMAIL):
+            raise not_found("user")
+        return self.account_info()
+
     def account_feature_info(self, feature, **_):
         raise not_found("feature")
 
@@ -415,7 +449,9 @@ class Platform:
         attachment = {
             "id": str(uuid.uuid4()),
             "name": attachment_name,
-            "addon": {"id": addon["id"], "name": addon["name"], "app": self.ref(app)},
+            # With the CLI's Accept-Inclusion: addon:plan,config_vars (Heroku adds them on request).
+            "addon": {"id": addon["id"], "name": addon["name"], "app": self.ref(app), "plan": addon["plan"]},
+            "config_vars": list(config),
             "app": self.ref(app),
             "namespace": None,
             "log_input_url": None,
@@ -578,8 +614,12 @@ class Platform:
                 raise HerokuError(404, "not_found", f"Couldn't find that process type ({update['type']}).")
         for update in body["updates"]:
             if "quantity" in update:
-                app["_formation"][update["type"]] = update["quantity"]
+                app["_formation"][update["type"]] = int(update["quantity"])
         return 200, [f for f in self.formation(app) if f["type"] in {u["type"] for u in body["updates"]}]
+
+    def filter_apps_apps(self, body, **_):
+        wanted = body.get("in", {}).get("id", [])
+        return 200, [self.public(a) for a in self.apps.values() if a["id"] in wanted]
 
     # Pipelines
 
@@ -687,6 +727,13 @@ class Platform:
 
     def data(self, method, path, body):
         with self.lock:
+            transfer = re.fullmatch(r"/client/v11/apps/([^/]+)/transfers/([^/]+)", path)
+            if transfer and method == "GET":
+                self.app(transfer.group(1))
+                for backup in itertools.chain(*self.backups.values()):
+                    if transfer.group(2) in (backup["uuid"], str(backup["num"])):
+                        return 200, backup
+                raise not_found("transfer")
             found = re.fullmatch(r"/client/v11/databases/([^/]+)(/transfer-schedules|/backups)?", path)
             if not found:
                 raise HerokuError(404, "not_found", f"No {method} {path} in Heroku Data's API.")
@@ -714,6 +761,8 @@ class Platform:
                     "from_name": "DATABASE",
                     "to_type": "gof3r",
                     "succeeded": True,
+                    "started_at": now(),
+                    "processed_bytes": 1024,
                     "finished_at": now(),
                     "created_at": now(),
                 }
