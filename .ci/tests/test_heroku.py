@@ -32,8 +32,8 @@ ADDON_SERVICES = [
     "heroku-postgresql", "heroku-redis", "memcachier", "papertrail", "newrelic", "scheduler", "mailgun",
 ]
 
-# Heroku Scheduler and Celery beat: until the worker lines land in the Procfile, the test's copy
-# has them, so that scaling is exercised (the fabfile reads the Procfile when it runs).
+# The Procfile has worker and scheduler (Celery); should a project drop them, the test's copy
+# gets them back, so that scaling is always exercised (the fabfile reads the Procfile as it runs).
 EXTRA_PROCFILE = {
     "worker": "worker: python manage.py celery worker --loglevel INFO",
     "scheduler": "scheduler: python manage.py celery beat --loglevel INFO",
