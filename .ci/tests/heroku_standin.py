@@ -18,8 +18,14 @@ CONNECT with 403 and records the host, and nothing leaves the machine.
 import hashlib
 import itertools
 import json
+import os
 import re
+import socket
+import ssl
+import subprocess
+import tempfile
 import threading
+import time
 import urllib.parse
 import uuid
 from datetime import UTC, datetime
@@ -200,6 +206,8 @@ class Platform:
         self.schedules = {}  # add-on id -> [transfer schedule]
         self.backups = {}  # add-on id -> [backup transfer]
         self.fail_addons = set()  # services whose creation fails (to test a failure mid-way)
+        self.dynos = {}  # rendezvous secret -> one-off dyno to run
+        self.rendezvous = None  # a Rendezvous, when one-off dynos are wanted
         self.numbers = itertools.count(1000)
 
     # --- Lookups ----------------------------------------------------------------------------
@@ -392,6 +400,28 @@ class Platform:
         app = self.app(ident)
         del self.apps[app["name"]]
         return 200, self.public(app)
+
+    def dyno_create(self, ident, body, **_):
+        app = self.app(ident)
+        if not self.rendezvous:
+            raise HerokuError(503, "unavailable", "This stand-in runs no one-off dynos.")
+        secret = uuid.uuid4().hex
+        number = next(self.numbers)
+        self.dynos[secret] = {"app": app["name"], "command": body["command"], "env": body.get("env") or {}}
+        current = app["_releases"][-1]
+        return 201, {
+            "id": str(uuid.uuid4()),
+            "name": f"run.{number}",
+            "attach_url": f"rendezvous://127.0.0.1:{self.rendezvous.port}/{secret}",
+            "command": body["command"],
+            "state": "starting",
+            "type": "run",
+            "size": body.get("size") or "Basic",
+            "app": self.ref(app),
+            "release": {"id": current["id"], "version": current["version"]},
+            "created_at": now(),
+            "updated_at": now(),
+        }
 
     def dyno_list(self, ident, **_):
         self.app(ident)
@@ -771,6 +801,68 @@ class Platform:
             raise HerokuError(404, "not_found", f"No {method} {path} in Heroku Data's API.")
 
 
+class Rendezvous:
+    """Heroku's rendezvous for `heroku run`: TLS on loopback; the CLI sends the dyno's secret, the
+    "dyno" runs its command here (bash, in `workdir`, with the app's config vars) and streams the
+    output back. The CLI must trust the certificate: NODE_EXTRA_CA_CERTS=rendezvous.cert."""
+
+    def __init__(self, platform, workdir, path):
+        self.platform, self.workdir = platform, workdir
+        folder = Path(tempfile.mkdtemp(prefix="rendezvous-"))
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", key, "-out", self.cert],
+            check=True, capture_output=True,
+        )
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(self.cert, key)
+        self.path = path
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.runs = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.attach, args=(raw,), daemon=True).start()
+
+    def attach(self, raw):
+        with self.context.wrap_socket(raw, server_side=True) as conn:
+            conn.settimeout(10)
+            secret = conn.makefile("rb").readline().decode().strip()
+            dyno = self.platform.dynos.pop(secret, None)
+            if dyno is None:
+                conn.sendall(b"unknown dyno\r\n")
+                return
+            # The rendezvous's first line says the dyno is attached; the CLI drops that chunk.
+            conn.sendall(b"rendezvous\r\n")
+            time.sleep(0.2)
+            with self.platform.lock:
+                config = dict(self.platform.app(dyno["app"])["_config"])
+            env = {"PATH": self.path, "HOME": str(self.workdir), **config, **dyno["env"]}
+            result = subprocess.run(
+                ["bash", "-c", dyno["command"]], cwd=self.workdir, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
+            )
+            self.runs.append({**dyno, "output": result.stdout.decode(errors="replace")})
+            conn.sendall(result.stdout)
+            # As Heroku's rendezvous: the CLI ends the session once it has read the exit status.
+            try:
+                while conn.recv(4096):
+                    pass
+            except (OSError, TimeoutError):
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "heroku-standin"
 
@@ -852,6 +944,13 @@ class StandIn(ThreadingHTTPServer):
         self.thread.start()
         return self
 
+    def run_dynos(self, workdir, path):
+        """Serve `heroku run`: one-off dynos run in `workdir` with PATH `path`."""
+        self.platform.rendezvous = Rendezvous(self.platform, workdir, path)
+        return self.platform.rendezvous.cert
+
     def close(self):
+        if self.platform.rendezvous:
+            self.platform.rendezvous.close()
         self.shutdown()
         self.server_close()

@@ -139,6 +139,9 @@ class Site:
             "HTTP_PROXY": standin.url,
             "NO_PROXY": "127.0.0.1,localhost",
         }
+        # `heroku run` attaches over TLS to the stand-in's rendezvous, whose certificate it trusts;
+        # the "dyno" runs the command in this checkout with the app's config vars.
+        self.env["NODE_EXTRA_CA_CERTS"] = str(standin.run_dynos(self.path, self.env["PATH"]))
 
     def run(self, *args, input=None, env=None, timeout=600):
         result = subprocess.run(
@@ -258,6 +261,15 @@ def test_setup_rerun_push_promote_rollback(site):
     assert bare == head
     staging = site.platform.app(APPS["staging"])
     assert staging["_releases"][-1]["description"] == f"Deploy {head[:8]}"
+
+    # A one-off manage.py command runs in a dyno with staging's config vars (production settings).
+    checked = site.fab("manage", "--command=check --deploy --fail-level WARNING")
+
+    assert checked.returncode == 0, checked.output
+    assert "System check identified no issues" in checked.output
+    (run,) = site.platform.rendezvous.runs
+    assert run["app"] == APPS["staging"] and run["command"].startswith("python manage.py check --deploy")
+    assert site.fab("manage", "--command=nosuchcommand").returncode == 1  # its exit code, passed on
 
     # Promote: the diff is shown (it needs GitHub, which is refused here), then the promotion.
     promoted = site.fab("promote", input="y\n")  # the staging remote names the app
