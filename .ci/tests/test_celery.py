@@ -74,6 +74,10 @@ class Running:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
+    def terminate_group(self):
+        """SIGTERM to every process of the group, as Heroku does to every process of a dyno."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout=30):
         """SIGTERM to the main process (a warm shutdown for a worker); returns the exit code."""
         if self.proc.poll() is None:
@@ -342,3 +346,25 @@ def test_heroku_key_value_store_tls_with_self_signed_certificate(project, databa
         assert worker.stop() == 0
     finally:
         redis.close()
+
+
+def test_heroku_sigterm_to_every_process_gives_the_running_task_back(project, database, redis, processes, tmp_path):
+    """Heroku sends SIGTERM to all of a dyno's processes, pool processes included (SIGKILL 30 s later):
+    the running task stops, the worker puts it back on the queue and exits in time; it runs again."""
+    env = {"DATABASE_URL": database, "REDIS_URL": redis.url, "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "1"}
+    [pk] = enqueue(project, env, 1, n=8, seconds=5)
+    worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker1.log")
+
+    def row():
+        return next(c for c in computations(project, env) if c["pk"] == pk)
+
+    wait_for(lambda: row()["attempts"] == 1, 30, f"the task never started:\n{worker.text()[-2000:]}")
+    started = time.monotonic()
+    worker.terminate_group()
+    worker.proc.wait(30)
+    assert time.monotonic() - started < 30, "the worker outlived Heroku's 30 s"
+    assert row()["result"] is None
+
+    worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker2.log")
+    wait_for(lambda: row()["result"] == sum_squares(8), 30, f"the task was lost:\n{worker.text()[-2000:]}")
+    assert row()["attempts"] == 2
