@@ -1,0 +1,497 @@
+"""Production services against real servers: the new project's web process (the Procfile's `web`
+line, under newrelic-admin) with a real Redis, a real memcached that requires SASL, PostgreSQL, and
+a Sentry endpoint on loopback that receives sentry-sdk's real envelopes."""
+
+import gzip
+import http.client
+import http.server
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from conftest import NAME, services
+
+SASL_USER, SASL_PASSWORD = "ciuser", "ci-secret-pw"
+
+
+# --- Servers -------------------------------------------------------------------------------------
+
+
+class SaslMemcached(services.Process):
+    """memcached -S: binary protocol only, SASL PLAIN against its own sasldb (as MemCachier)."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="ci-mc-sasl-"))
+        db = self.dir / "sasldb2"
+        subprocess.run(
+            [services.require("saslpasswd2"), "-p", "-a", "memcached", "-c", "-f", str(db), SASL_USER],
+            input=SASL_PASSWORD, text=True, check=True, capture_output=True,
+        )
+        (self.dir / "memcached.conf").write_text(f"mech_list: plain\nsasldb_path: {db}\n")
+        db.chmod(0o644)  # memcached drops to "nobody" when run as root
+        self.dir.chmod(0o755)
+        port = services.free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        super().__init__(
+            [services.require("memcached"), "-S", "-l", "127.0.0.1", "-p", str(port), *user], port,
+            env={**os.environ, "SASL_CONF_PATH": str(self.dir)},
+        )
+        self.servers = f"127.0.0.1:{port}"
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentryEndpoint:
+    """Sentry's envelope endpoint on loopback: keeps each event that sentry-sdk sends."""
+
+    def __init__(self):
+        self.events = []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                encoding = self.headers.get("Content-Encoding")
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "br":
+                    import brotli
+
+                    body = brotli.decompress(body)
+                endpoint.receive(self.path, body)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.dsn = f"http://publickey@127.0.0.1:{self.port}/1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def receive(self, path, body):
+        # An envelope: a header line, then (item header line, item payload line) pairs.
+        lines = body.decode().split("\n")
+        for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+            if json.loads(header).get("type") == "event":
+                self.events.append({"path": path, **json.loads(payload)})
+
+    def wait_for_event(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.events:
+            time.sleep(0.1)
+        assert self.events, "Sentry received no event"
+        return self.events[-1]
+
+    def close(self):
+        self.server.shutdown()
+
+
+class TlsRedis(services.Process):
+    """Redis over TLS only, with a self-signed certificate: Heroku Key-Value Store's rediss://."""
+
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="ci-redis-tls-"))
+        cert, key = self.dir / "cert.pem", self.dir / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=ci-redis", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )
+        port = services.free_port()
+        super().__init__(
+            [services.require("redis-server"), "--port", "0", "--tls-port", str(port),
+             "--bind", "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"], port,
+        )
+        self.url = f"rediss://127.0.0.1:{port}/0"
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls_redis():
+    server = TlsRedis().start()
+    yield server
+    server.close()
+
+
+class SmtpServer:
+    """aiosmtpd on loopback: keeps each message it receives."""
+
+    def __init__(self):
+        from aiosmtpd.controller import Controller
+
+        self.messages = []
+        server = self
+
+        class Handler:
+            async def handle_DATA(self, smtp, session, envelope):
+                server.messages.append(envelope)
+                return "250 OK"
+
+        self.port = services.free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port)
+        self.controller.start()
+
+    def wait_for_message(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.messages:
+            time.sleep(0.1)
+        assert self.messages, "the SMTP server received no message"
+        return self.messages[-1]
+
+    def close(self):
+        self.controller.stop()
+
+
+@pytest.fixture
+def smtp():
+    server = SmtpServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def sasl_memcached():
+    server = SaslMemcached().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sentry():
+    endpoint = SentryEndpoint()
+    yield endpoint
+    endpoint.close()
+
+
+# --- The new project in production ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prod(project, postgres):
+    """The project with reqs/prod.txt installed and its database migrated under prod settings."""
+    project.run(project.bin / "python", "-m", "pip", "install", "--quiet", "-r", "reqs/prod.txt")
+    env = {
+        "DJANGO_SETTINGS_MODULE": f"{NAME}.settings.prod",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "DATABASE_URL": postgres.url,
+        "DATABASE_SSL_REQUIRE": "false",
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "WEB_CONCURRENCY": "1",
+    }
+    project.manage("migrate", "--noinput", env=env)
+    make_user = (
+        "from django.contrib.auth.models import User; "
+        "User.objects.filter(username='svc-boss').exists() or "
+        "User.objects.create_superuser('svc-boss', 'boss@example.com', 'svc-Passw0rd-1')"
+    )
+    project.manage("shell", "-c", make_user, env=env)
+    return project, env
+
+
+class Process:
+    """A line of the Procfile, started as Heroku would, its output kept."""
+
+    def __init__(self, project, env, name):
+        procfile = (project.path / "Procfile").read_text()
+        self.command = re.search(rf"^{name}:\s*(.+)$", procfile, re.M).group(1)
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            shlex.split(self.command), cwd=project.path, start_new_session=True,
+            env=project.env(**env), stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_for(self, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, f"exited: {self.output()}"
+            assert time.monotonic() < deadline, f"no {text!r} in {self.output()}"
+            time.sleep(0.2)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.output()
+
+
+class Web(Process):
+    """The Procfile's web process on its own port, and a tiny HTTP client for it."""
+
+    def __init__(self, project, env):
+        self.port = services.free_port()
+        super().__init__(project, {**env, "PORT": str(self.port)}, "web")
+        services.wait_for_port(self.port, timeout=60)
+        self.cookies = {}
+
+    def request(self, method, path, body=None, headers=None, https=True):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        sent = {"Host": f"127.0.0.1:{self.port}", **(headers or {})}
+        if https:  # as Heroku's router says for an HTTPS visitor
+            sent["X-Forwarded-Proto"] = "https"
+        if self.cookies:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if body is not None:
+            body = urllib.parse.urlencode(body)
+            sent["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, path, body, sent)
+        response = conn.getresponse()
+        text = response.read().decode()
+        for header, value in response.getheaders():
+            if header.lower() == "set-cookie":
+                name, _, rest = value.partition("=")
+                self.cookies[name] = rest.split(";")[0]
+        conn.close()
+        return response.status, dict(response.getheaders()), text
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def login(self, username="svc-boss", password="svc-Passw0rd-1"):
+        _, _, page = self.get("/admin/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+        origin = f"https://127.0.0.1:{self.port}"
+        form = {"username": username, "password": password, "csrfmiddlewaretoken": token}
+        status, headers, _ = self.request(
+            "POST", "/admin/login/?next=/admin/", form, {"Origin": origin, "Referer": origin + "/"}
+        )
+        assert status == 302 and headers["Location"] == "/admin/", "the login failed"
+
+    def logged_in(self):
+        status, _, page = self.get("/admin/")
+        return status == 200 and "Site administration" in page
+
+    def health(self):
+        status, _, body = self.get("/healthz", https=False)
+        return status, json.loads(body)
+
+
+def starter(prod, make):
+    project, base = prod
+    started = []
+
+    def start(**env):
+        process = make(project, {**base, **env})
+        started.append(process)
+        return process
+
+    return start, started
+
+
+@pytest.fixture
+def web(prod):
+    """Start the web process with extra environment: web(REDIS_URL=...)."""
+    start, started = starter(prod, Web)
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def worker(prod):
+    """Start the Procfile's Celery worker with extra environment, and wait until it is ready."""
+
+    def make(project, env):
+        process = Process(project, env, "worker")
+        process.wait_for("ready.", timeout=90)
+        return process
+
+    start, started = starter(prod, make)
+    yield start
+    for process in started:
+        process.stop()
+
+
+# --- Tests ---------------------------------------------------------------------------------------
+
+
+def test_prod_boots_under_newrelic_admin_without_a_license_key(web):
+    server = web()
+
+    assert server.command.startswith("newrelic-admin run-program ")
+    status, body = server.health()
+    assert status == 200 and body == {"status": "ok", "database": "ok", "cache": "ok", "broker": "ok"}
+    # Plain HTTP is redirected to HTTPS, except the health check above.
+    assert server.get("/", https=False)[0] == 301
+    status, _, page = server.get("/")
+    assert status == 200 and f"Hello from {NAME}" in page
+    out = server.stop()
+    assert "Traceback" not in out, out
+    # Each service that is off says so once per process, on stdout.
+    assert out.count("new relic: NEW_RELIC_LICENSE_KEY is not set") == 1, out
+    assert out.count("sentry: SENTRY_DSN is not set") == 1, out
+
+
+def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
+    if kind == "redis":
+        return {"REDIS_URL": redis.url}
+    return {
+        "MEMCACHIER_SERVERS": sasl_memcached.servers,
+        "MEMCACHIER_USERNAME": SASL_USER,
+        "MEMCACHIER_PASSWORD": password,
+    }
+
+
+@pytest.mark.parametrize("kind", ["redis", "memcached"])
+def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, redis, sasl_memcached):
+    project, base = prod
+    env = cache_env(kind, redis, sasl_memcached)
+    server = {"redis": redis, "memcached": sasl_memcached}[kind]
+    check = (
+        "from django.core.cache import cache, caches; cache.set('svc-key', {'n': 42}); "
+        "print(type(caches['default']).__name__, cache.get('svc-key'))"
+    )
+    result = project.manage("shell", "-c", check, env={**base, **env})
+    backend = {"redis": "RedisCache", "memcached": "MemcachedCache"}[kind]
+    assert result.stdout.splitlines()[-1] == f"{backend} {{'n': 42}}", result.stderr
+
+    site = web(**env)
+    site.login()
+    assert site.logged_in()
+    assert site.health() == (200, {"status": "ok", "database": "ok", "cache": "ok", "broker": "ok"})
+
+    # A restart empties the cache (no persistence): sessions come back from the database.
+    server.restart()
+    assert site.logged_in()
+
+    # The cache is down: pages still answer, the visitor is still logged in, /healthz says which.
+    server.stop()
+    try:
+        status, _, page = site.get("/")
+        assert status == 200 and f"Hello from {NAME}" in page
+        assert site.logged_in()
+        # With REDIS_URL, Redis is Celery's broker too; without it, the broker is a local folder.
+        broker = "down" if kind == "redis" else "ok"
+        body = {"status": "down", "database": "ok", "cache": "down", "broker": broker}
+        assert site.health() == (503, body)
+    finally:
+        server.start()
+    # Back without a restart of the site (bmemcached waits up to 5 s before trying a server again).
+    deadline = time.monotonic() + 20
+    while site.health()[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert site.health()[0] == 200
+    out = site.stop()
+    assert "failed, treated as a miss" in out
+    assert "Traceback" not in out, out
+
+
+def test_cache_on_redis_over_tls_with_a_self_signed_certificate(prod, tls_redis):
+    project, base = prod
+    check = (
+        "from django.core.cache import cache; cache.set('svc-tls', 'over tls'); "
+        "print(cache.get('svc-tls'))"
+    )
+    result = project.manage("shell", "-c", check, env={**base, "REDIS_URL": tls_redis.url})
+
+    assert result.stdout.splitlines()[-1] == "over tls", result.stdout + result.stderr
+    assert "treated as a miss" not in result.stdout
+
+
+def test_memcached_refuses_a_wrong_sasl_password(prod, web, redis, sasl_memcached):
+    site = web(**cache_env("memcached", redis, sasl_memcached, password="wrong"))
+
+    body = {"status": "down", "database": "ok", "cache": "down", "broker": "ok"}
+    assert site.health() == (503, body)
+    assert site.get("/")[0] == 200  # the pages do not depend on the cache
+    assert SASL_PASSWORD not in site.stop()
+
+
+def test_a_view_error_reaches_sentry_and_the_log_with_release_and_request_id(prod, web, sentry):
+    # A database that is down makes the hello page fail (waffle reads its flag from it).
+    broken_db = f"postgres://ci:ci@127.0.0.1:{services.free_port()}/ci"
+    site = web(
+        SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="staging", HEROKU_SLUG_COMMIT="0123abc",
+        DATABASE_URL=broken_db,
+    )
+
+    status, _, page = site.get("/", headers={"X-Request-ID": "0b6c1d2e-svc-test-request"})
+
+    assert status == 500 and "OperationalError" not in page
+    event = sentry.wait_for_event()
+    assert event["path"] == "/api/1/envelope/"
+    assert event["exception"]["values"][-1]["type"] == "OperationalError"
+    assert event["release"] == "0123abc" and event["environment"] == "staging"
+    assert "user" not in event or "ip_address" not in event.get("user", {})
+    out = site.stop()
+    lines = [line for line in out.splitlines() if line.startswith("ERROR django.request ")]
+    assert lines and lines[0].startswith("ERROR django.request request_id=0b6c1d2e-svc-test-request ")
+    assert "OperationalError" in lines[0]  # the traceback is on the same line
+
+
+def test_email_goes_out_through_a_celery_task_to_smtp(prod, redis, smtp, worker):
+    project, base = prod
+    env = {
+        "REDIS_URL": redis.url,
+        "MAILGUN_SMTP_SERVER": "127.0.0.1",
+        "MAILGUN_SMTP_PORT": str(smtp.port),
+        "EMAIL_USE_TLS": "false",  # aiosmtpd here speaks plain SMTP
+        "DEFAULT_FROM_EMAIL": "site@example.com",
+    }
+    tasks = worker(**env)
+    send = (
+        "from django.core.mail import send_mail; "
+        "print(send_mail('Hello from a task', 'Sent by the worker.', None, ['someone@example.com']))"
+    )
+
+    result = project.manage("shell", "-c", send, env={**base, **env})
+
+    assert result.stdout.splitlines()[-1] == "1", result.stdout + result.stderr
+    message = smtp.wait_for_message()
+    assert message.mail_from == "site@example.com" and message.rcpt_tos == ["someone@example.com"]
+    text = message.content.decode()
+    assert "Subject: Hello from a task" in text and "Sent by the worker." in text
+    out = tasks.stop()
+    assert "core.tasks.send_email" in out and "succeeded" in out, out
+
+
+def test_a_task_error_reaches_sentry_and_the_log(prod, redis, sentry, worker):
+    project, base = prod
+    env = {
+        "REDIS_URL": redis.url,
+        "SENTRY_DSN": sentry.dsn,
+        "SENTRY_ENVIRONMENT": "production",
+        "HEROKU_RELEASE_VERSION": "v7",
+    }
+    tasks = worker(**env)
+    # A message the task cannot read: a real error inside a real task.
+    enqueue = (
+        f"from {NAME}.celery import app; "
+        f"app.send_task('{NAME}.apps.core.tasks.send_email', args=[{{}}])"
+    )
+
+    project.manage("shell", "-c", enqueue, env={**base, **env})
+
+    event = sentry.wait_for_event(timeout=60)
+    assert event["exception"]["values"][-1]["type"] == "KeyError"
+    assert event["release"] == "v7" and event["environment"] == "production"
+    out = tasks.stop()
+    lines = [line for line in out.splitlines() if line.startswith("ERROR celery.app.trace ")]
+    assert lines and "KeyError" in lines[0] and "send_email" in lines[0], out
