@@ -198,6 +198,8 @@ def prod(project, postgres):
         "ALLOWED_HOSTS": "127.0.0.1",
         "WEB_CONCURRENCY": "1",
     }
+    # What Heroku's build and release phase run.
+    project.manage("collectstatic", "--noinput", env=env)
     project.manage("migrate", "--noinput", env=env)
     make_user = (
         "from django.contrib.auth.models import User; "
