@@ -472,6 +472,8 @@ def test_email_goes_out_through_a_celery_task_to_smtp(prod, redis, smtp, worker)
     assert "Subject: Hello from a task" in text and "Sent by the worker." in text
     out = tasks.stop()
     assert "core.tasks.send_email" in out and "succeeded" in out, out
+    # The worker, too, says once which services are off.
+    assert out.count("new relic: NEW_RELIC_LICENSE_KEY is not set") == 1, out
 
 
 def test_a_task_error_reaches_sentry_and_the_log(prod, redis, sentry, worker):
