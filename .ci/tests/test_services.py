@@ -427,16 +427,19 @@ def test_memcached_refuses_a_wrong_sasl_password(prod, web, redis, sasl_memcache
 
 
 def test_a_view_error_reaches_sentry_and_the_log_with_release_and_request_id(prod, web, sentry):
-    # A database that is down makes the hello page fail (waffle reads its flag from it).
+    # A database that is down makes the Celery sample page fail (it lists rows).
     broken_db = f"postgres://ci:ci@127.0.0.1:{services.free_port()}/ci"
     site = web(
         SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="staging", HEROKU_SLUG_COMMIT="0123abc",
         DATABASE_URL=broken_db,
     )
 
-    status, _, page = site.get("/", headers={"X-Request-ID": "0b6c1d2e-svc-test-request"})
+    status, _, page = site.get("/celery/", headers={"X-Request-ID": "0b6c1d2e-svc-test-request"})
 
     assert status == 500 and "OperationalError" not in page
+    # The hello page still answers: a feature flag that cannot be read is off.
+    status, _, page = site.get("/")
+    assert status == 200 and f"Hello from {NAME}" in page
     event = sentry.wait_for_event()
     assert event["path"] == "/api/1/envelope/"
     assert event["exception"]["values"][-1]["type"] == "OperationalError"
