@@ -29,7 +29,7 @@ JS_TEXT = "JavaScript: the site bundle ran."
 
 def prod_env(**extra):
     """Only what a Heroku app's config vars hold (the buildpack's collectstatic sees just these).
-    The database is never reached by collectstatic or the hello page: the port is closed."""
+    The database is never reached by collectstatic: the port is closed."""
     return {
         "DJANGO_SETTINGS_MODULE": f"{NAME}.settings.prod",
         "SECRET_KEY": secrets.token_urlsafe(50),
@@ -82,12 +82,16 @@ def collected(project, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def web(project, collected):
-    """gunicorn under prod settings with the collected files (WhiteNoise serves them)."""
+def web(project, collected, postgres):
+    """gunicorn under prod settings with the collected files (WhiteNoise serves them). The hello
+    page reads a feature flag (waffle), so it gets a migrated database."""
+    database = {"DATABASE_URL": postgres.url, "DATABASE_SSL_REQUIRE": "false"}
+    project.manage("migrate", "--noinput", env=prod_env(**database))
     port = services.free_port()
+    env = prod_env(PORT=str(port), WEB_CONCURRENCY="1", **database)
     proc = subprocess.Popen(
         [project.bin / "gunicorn", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"],
-        cwd=project.path, env=project.env(**prod_env(PORT=str(port), WEB_CONCURRENCY="1")),
+        cwd=project.path, env=project.env(**env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
