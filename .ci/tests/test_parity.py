@@ -321,20 +321,29 @@ def test_redis_restart_leaves_the_app_working(dynos, redis, released, config, po
         wait_for(lambda: computation(postgres, pk)[1], 60, "no task ran after Redis restarted")
 
 
-def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos):
-    """Last in this module: honcho stops every process once web exits, as Foreman does."""
+def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos, postgres):
+    """Last of the honcho tests: honcho stops every process once web exits, as Foreman does."""
     master = dynos.gunicorn_master()
     answers = []
 
     def slow_request():
-        answers.append(stack.get(dynos.url("/parity/sleep/?s=2"), timeout=30)[0])
+        answers.append(stack.get(dynos.url("/parity/sleep/?s=4"), timeout=30)[0])
 
-    load = threading.Thread(target=stack.wrk, args=(dynos.url("/"), 64, 5))
-    load.start()
-    in_flight = [threading.Thread(target=slow_request) for _ in range(8)]
+    def sleeping():
+        return int(postgres.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%pg_sleep%'"
+            " AND pid <> pg_backend_pid()"
+        ))
+
+    # 6: fewer than one worker's pool (7), so all run at once wherever gunicorn puts them.
+    in_flight = [threading.Thread(target=slow_request, daemon=True) for _ in range(6)]
     for thread in in_flight:
         thread.start()
-    time.sleep(0.7)
+    # In flight: the app has them and is waiting in the database (not still in the listen queue).
+    wait_for(lambda: sleeping() >= 6, 15, "the slow requests never all reached the database")
+    load = threading.Thread(target=stack.wrk, args=(dynos.url("/"), 64, 4))
+    load.start()
+    time.sleep(0.5)
     started = time.monotonic()
     master.send_signal(signal.SIGTERM)  # what Heroku sends every process of a stopping dyno
     master.wait(60)
@@ -344,7 +353,7 @@ def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos):
     load.join()
 
     print(f"web exited {took:.2f} s after SIGTERM")
-    assert answers == [200] * 8, "a request in flight was cut off"
+    assert answers == [200] * 6, "a request in flight was cut off"
     assert took < 30, "Heroku would have killed the dyno (SIGKILL after 30 s)"
 
 
