@@ -1,9 +1,7 @@
 """Production parity: a new project built and released as Heroku would, its Procfile run by honcho
 against real Postgres, Redis and memcached on loopback, under load and faults.
 
-Parts other issues add are checked as soon as the template has them (static bundles: WhiteNoise;
-/celery/ and the worker: Celery; /healthz: services); until then their tests skip, saying which
-part is missing. Loads are short (a few seconds each): figures belong to .ci/bench/parity.py.
+Every part is checked: static bundles, /celery/ and the worker, /healthz. Loads are short (a few seconds each): figures belong to .ci/bench/parity.py.
 """
 
 import os
@@ -22,23 +20,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
 
 import stack  # noqa: E402
-from conftest import NAME, TEMPLATE  # noqa: E402
+from conftest import NAME  # noqa: E402
 
 WEB_CONCURRENCY = 2
 POOL_SIZE = 7  # prod.py's default DATABASE_POOL_SIZE
 ADMIN_PASSWORD = "parity-admin-password-1"
 
-
-def template_has(path, text=None):
-    """Whether the template (what is on this branch) already has a part another issue adds."""
-    files = [TEMPLATE / path] if not path.endswith("/") else list((TEMPLATE / path).rglob("*"))
-    files = [f for f in files if f.is_file()]
-    return bool(files) and (text is None or any(text in f.read_text(errors="ignore") for f in files))
-
-
-HAS_WHITENOISE = template_has("reqs/", "whitenoise")
-HAS_CELERY = template_has("Procfile", "worker:")
-HAS_HEALTHZ = template_has("project_name/", "healthz")
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +172,6 @@ def test_database_page_answers(dynos):
     assert status == 200 and b"add_" in body
 
 
-@pytest.mark.skipif(not HAS_WHITENOISE, reason="static bundles (issue 3, WhiteNoise) not on this branch")
 def test_static_files_and_bundles_are_served(dynos):
     urls = set()
     for page in ("/", "/admin/login/"):
@@ -196,13 +182,11 @@ def test_static_files_and_bundles_are_served(dynos):
         assert status == 200 and body, url
 
 
-@pytest.mark.skipif(not HAS_HEALTHZ, reason="/healthz (issue 5) not on this branch")
 def test_health_endpoint_answers(dynos):
     status, _ = stack.get(dynos.url("/healthz"))
     assert status == 200
 
 
-@pytest.mark.skipif(not HAS_CELERY, reason="Celery worker (issue 4) not on this branch")
 def test_celery_page_answers_and_the_worker_runs_its_task(dynos, released, config, postgres):
     status, _ = stack.get(dynos.url("/celery/"))
     assert status == 200
@@ -212,7 +196,6 @@ def test_celery_page_answers_and_the_worker_runs_its_task(dynos, released, confi
     assert status == 200 and str(SUM_SQUARES_1000).encode() in body
 
 
-@pytest.mark.skipif(not HAS_CELERY, reason="Celery worker (issue 4) not on this branch")
 def test_worker_killed_mid_task_loses_nothing(dynos, released, config, postgres):
     """A worker process killed mid-task (as the kernel's OOM killer would): the task runs again."""
     pk = enqueue_computation(released, config, seconds=4)
@@ -309,16 +292,16 @@ def test_redis_restart_leaves_the_app_working(dynos, redis, released, config, po
     redis.restart()
     load.join()
 
-    pages = ["/", "/parity/db/"] + ["/healthz"] * HAS_HEALTHZ + ["/celery/"] * HAS_CELERY
+    pages = ["/", "/parity/db/", "/healthz", "/celery/"]
     for page in pages:
         stack.wait_for_200(dynos.url(page), timeout=30)
     result = stack.wrk(dynos.url("/"), 64, seconds=2)
     assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
     assert dynos.gunicorn_master().pid == master, "the app was restarted"
     assert dynos.proc.poll() is None, f"a process stopped:\n{dynos.tail()}"
-    if HAS_CELERY:  # the worker reconnects to the broker by itself
-        pk = enqueue_computation(released, config, seconds=0)
-        wait_for(lambda: computation(postgres, pk)[1], 60, "no task ran after Redis restarted")
+    # The worker reconnects to the broker by itself.
+    pk = enqueue_computation(released, config, seconds=0)
+    wait_for(lambda: computation(postgres, pk)[1], 60, "no task ran after Redis restarted")
 
 
 def test_sigterm_to_web_under_load_finishes_requests_in_flight(dynos, postgres):
@@ -454,7 +437,7 @@ def plain(released, config, tmp_path_factory):
         servers.stop()
 
 
-EXPECTED_PROGRAMS = {"web", "worker", "scheduler"} if HAS_CELERY else {"web"}
+EXPECTED_PROGRAMS = {"web", "worker", "scheduler"}
 
 
 def test_supervisord_runs_every_process(plain):
