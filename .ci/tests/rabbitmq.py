@@ -1,16 +1,14 @@
 """A throwaway RabbitMQ node on loopback (Debian's rabbitmq-server, installed by .ci/run): its own
 folder, node name, AMQP and distribution ports, and its own epmd, so it touches no system service."""
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from services import free_port, require, wait_for_port
+from services import free_port, require, stop_group, wait_for_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wraps it with su
 EPMD = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
@@ -69,13 +67,7 @@ class RabbitMQ:
 
     def close(self):
         if self.proc:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            stop_group(self.proc)
             self.log.close()
         # The node started an epmd of its own (on its own port), which outlives it: end it.
         subprocess.run(

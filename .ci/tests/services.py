@@ -4,6 +4,7 @@ port and stops when its context ends. Debian's packages, installed by .ci/run.""
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -26,6 +27,18 @@ def wait_for_port(port, timeout=30, host="127.0.0.1"):
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def stop_group(proc, timeout=20):
+    """SIGTERM a process's whole group (it was started with start_new_session=True); SIGKILL it
+    if it is still there after `timeout` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def require(program):

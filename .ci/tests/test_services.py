@@ -11,7 +11,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -235,12 +234,7 @@ class Process:
 
     def stop(self):
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+            services.stop_group(self.proc)
         return self.output()
 
 
