@@ -18,7 +18,6 @@ CONNECT with 403 and records the host, and nothing leaves the machine.
 import hashlib
 import itertools
 import json
-import os
 import re
 import socket
 import ssl

@@ -1,7 +1,6 @@
 """Static files in production (issue "Static assets"): collectstatic's bundles, served by gunicorn
 through WhiteNoise to a real browser, and on S3 (a moto server on loopback)."""
 
-import contextlib
 import hashlib
 import json
 import os

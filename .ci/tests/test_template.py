@@ -4,7 +4,6 @@ import ast
 import secrets
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import pytest
-from conftest import NAME, SEED_COMMAND, TEMPLATE, readme_command, render, services
+from conftest import NAME, SEED_COMMAND, readme_command, render, services
 
 # What every new project holds (a file the template adds later may be missing here, never the reverse).
 EXPECTED = [
