@@ -230,6 +230,28 @@ def test_load_gives_no_errors_and_bounded_connections(dynos, postgres, path, con
         assert sampler.peak("web") >= 1
 
 
+def test_connection_budget_holds_with_web_under_load_and_the_worker_busy(dynos, released, config, postgres):
+    """README's budget: web 2 x 7 + worker 3 (its 2 processes, and its main process once one
+    was lost, as in the test above) + scheduler 1, with every part busy at once, and one left for
+    the release phase or `heroku run` within essential-0's 20."""
+    tasks = [enqueue_computation(released, config, seconds=4) for _ in range(2 * WEB_CONCURRENCY)]
+    wait_for(lambda: all(computation(postgres, pk)[0] >= 1 for pk in tasks[:WEB_CONCURRENCY]), 30,
+             "the worker never ran both tasks at once")
+    with stack.ConnectionSampler(postgres, process_groups(dynos)) as sampler:
+        result = stack.wrk(dynos.url("/parity/sleep/?s=0.05"), 256, seconds=3, timeout="30s")
+
+    peaks = {group: sampler.peak(group) for group in ("total", "web", "worker", "scheduler")}
+    print(f"database connections at most {peaks}")
+    assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
+    assert peaks["web"] == WEB_CONCURRENCY * POOL_SIZE  # the load used every pooled connection
+    assert WEB_CONCURRENCY <= peaks["worker"] <= WEB_CONCURRENCY + 1  # one per process, all busy
+    assert peaks["scheduler"] <= 1
+    budget = WEB_CONCURRENCY * POOL_SIZE + (WEB_CONCURRENCY + 1) + 1  # 18
+    assert peaks["total"] <= budget and budget + 1 <= stack.PLAN_CONNECTION_LIMIT
+    for pk in tasks:
+        wait_for(lambda: computation(postgres, pk)[1], 60, "a task did not finish")
+
+
 def test_a_request_waiting_too_long_for_a_pooled_connection_fails_clearly(released, config):
     """One worker with a pool of one connection: a second request waits DATABASE_POOL_TIMEOUT,
     then fails with PoolTimeout in the log, instead of hanging until the router gives up."""
