@@ -231,9 +231,9 @@ def test_load_gives_no_errors_and_bounded_connections(dynos, postgres, path, con
 
 
 def test_connection_budget_holds_with_web_under_load_and_the_worker_busy(dynos, released, config, postgres):
-    """README's budget: web 2 x 7 + worker 3 (its 2 processes, and its main process once one
-    was lost, as in the test above) + scheduler 1, with every part busy at once, and one left for
-    the release phase or `heroku run` within essential-0's 20."""
+    """README's budget: web 2 x 7 + worker 3 (its 2 processes, and its main process once one was
+    lost, as in test_worker_killed_mid_task_loses_nothing) + scheduler 1, every part busy at once,
+    and one left for the release phase or `heroku run` within essential-0's 20."""
     tasks = [enqueue_computation(released, config, seconds=4) for _ in range(2 * WEB_CONCURRENCY)]
     wait_for(lambda: all(computation(postgres, pk)[0] >= 1 for pk in tasks[:WEB_CONCURRENCY]), 30,
              "the worker never ran both tasks at once")
