@@ -16,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import services  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[2]
+# The template's own guide (GitHub shows it first); the root README.md is the new project's.
+GUIDE = TEMPLATE / ".github" / "README.md"
 NAME = "mysite"
 # The Python a new project's .venv is made with (README: "Python 3.12 or 3.13").
 PROJECT_PYTHON = os.environ.get("PROJECT_PYTHON", "python3.13")
@@ -23,11 +25,12 @@ SEED_COMMAND = "django-admin startproject --template={template} --extension=py,h
 
 
 def readme_command():
-    """The startproject command exactly as README.md gives it, with the template's path filled in."""
-    text = (TEMPLATE / "README.md").read_text()
-    match = re.search(r"(django-admin startproject .*)$", text, re.M)
-    assert match, "README.md gives no django-admin startproject command"
-    return match.group(1).replace("https://github.com/djeroku/djeroku/archive/main.zip", "{template}").replace("NAME", "{name}")
+    """The startproject command exactly as the template's guide gives it, the template filled in."""
+    text = GUIDE.read_text()
+    match = re.search(r"(django-admin startproject .*) (\w+)$", text, re.M)
+    assert match, f"{GUIDE} gives no django-admin startproject command"
+    command = match.group(1).replace("https://github.com/djeroku/djeroku/archive/main.zip", "{template}")
+    return f"{command} {{name}}"
 
 
 def template_files():
