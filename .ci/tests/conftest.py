@@ -19,7 +19,7 @@ TEMPLATE = Path(__file__).resolve().parents[2]
 # The template's own guide (GitHub shows it first); the root README.md is the new project's.
 GUIDE = TEMPLATE / ".github" / "README.md"
 NAME = "mysite"
-# The Python a new project's .venv is made with (README: "Python 3.12 or 3.13").
+# The Python the shared project's .venv is made with: production's, from .python-version.
 PROJECT_PYTHON = os.environ.get("PROJECT_PYTHON", "python3.13")
 SEED_COMMAND = "django-admin startproject --template={template} --extension=py,html {name}"
 
@@ -71,6 +71,7 @@ class Project:
         return self.path / ".venv" / "bin"
 
     def env(self, **extra):
+        """For the production processes: the venv's bin first on PATH, as on a Heroku dyno."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "VIRTUAL_ENV"))}
         env["PATH"] = f"{self.bin}:{env['PATH']}"
         return {**env, **extra}
