@@ -85,6 +85,13 @@ class Project:
     def manage(self, *args, **kw):
         return self.run(self.bin / "python", "manage.py", *args, **kw)
 
+    def install_prod(self):
+        """Add reqs/prod.txt (gunicorn, newrelic...), which Heroku installs and bin/setup does not,
+        with the uv that bin/setup put in .venv (the versions both locks share are the same)."""
+        self.run(self.bin / "uv", "pip", "install", "--quiet", "--require-hashes",
+                 "--python", self.bin / "python", "--requirement", "reqs/prod.txt",
+                 env={"UV_SYSTEM_CERTS": "1"})
+
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory):

@@ -188,7 +188,7 @@ def sentry():
 @pytest.fixture(scope="module")
 def prod(project, postgres):
     """The project with reqs/prod.txt installed and its database migrated under prod settings."""
-    project.run(project.bin / "python", "-m", "pip", "install", "--quiet", "-r", "reqs/prod.txt")
+    project.install_prod()
     env = {
         "DJANGO_SETTINGS_MODULE": f"{NAME}.settings.prod",
         "SECRET_KEY": secrets.token_urlsafe(50),

@@ -42,7 +42,7 @@ def prod_env(**extra):
 def ensure_prod_reqs(project):
     """gunicorn and the rest of reqs/prod.txt, which Heroku installs and bin/setup does not."""
     if not (project.bin / "gunicorn").exists():
-        project.run(project.bin / "python", "-m", "pip", "install", "--quiet", "-r", "reqs/prod.txt")
+        project.install_prod()
 
 
 def source_minified(project, env):
