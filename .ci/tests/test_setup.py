@@ -109,7 +109,7 @@ def test_lock_test_fails_on_an_edited_range_and_bin_lock_mends_it(stock, home):
                                 capture_output=True, text=True).stdout.strip()
         assert django == "5.2.18"
     finally:
-        for f, saved in zip((common, *locks), texts):
+        for f, saved in zip((common, *locks), texts, strict=True):
             f.write_text(saved)
 
 
