@@ -1,21 +1,27 @@
 #!/usr/bin/env python
 """Production-parity benchmark: figures and ratios from ONE interleaved run, no assertions.
 
-    .ci/.venv/bin/python .ci/bench/parity.py [--seconds 5] [--rounds 3]
+    .ci/.venv/bin/python .ci/bench/parity.py [--seconds 5] [--rounds 3] [--before main]
 
 Targets, all on this machine with 2 workers each, against real Postgres and Redis on loopback:
   ceiling  a 5-line WSGI hello app under gunicorn, 2 sync workers (what this machine can do)
-  plain    Django's own `startproject` page under gunicorn, 2 sync workers
-  web      the new project's Procfile `web` (gunicorn.conf.py: gevent) with prod settings
-  sync     the same app and settings on 2 sync workers (--worker-class sync)
-Measured: hello page req/s and p50/p99 at 32 and 128 connections; an I/O-bound page (a 50 ms
-database wait, pg_sleep) at 256 connections for web and sync, beside the bound the connection
-limit sets (WEB_CONCURRENCY x DATABASE_POOL_SIZE / 0.05 s); RSS of the web and worker process
-trees after load; time from start to the first 200 (median of 3).
+  plain    Django's own `startproject`, DEBUG off, one view rendering a template, 2 sync workers
+  web      the new project's Procfile `web` line (gunicorn.conf.py) with prod settings
+  before   the same, rendered from the template at git revision --before (default main)
+Measured, the targets taking turns in every round: the hello page's req/s and p50/p99 at 32 and
+128 connections; a page waiting 50 ms in the database (pg_sleep) at 256 connections beside the
+bound the pool sets (WEB_CONCURRENCY x DATABASE_POOL_SIZE / 0.05 s); Celery no-op tasks done per
+second by the Procfile's worker with the project's settings, by a Celery app with Celery's
+defaults on the same Redis, and by the --before worker. After the rounds: PSS of each web tree
+(shared pages counted once, as a dyno's memory is) and time from start to the first 200 (median
+of 3, each start alone).
 """
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,10 +43,41 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 '''
+# A Celery app with nothing but its broker: Celery's defaults (early acks, prefetch 4, no results).
+CELERY_DEFAULTS = '''\
+import os
+
+from celery import Celery
+
+app = Celery("defaults", broker=os.environ["REDIS_URL"])
+'''
+# Enqueues --tasks no-op tasks (Celery's built-in celery.accumulate) at once and times until the
+# queue is empty and nothing is unacknowledged (with early acks, at most one task per process may
+# still be running then: a no-op's microseconds).
+CELERY_CLIENT = '''
+import json, os, sys, time
+import redis
+{app}
+r = redis.Redis.from_url(os.environ["REDIS_URL"])
+def drained():
+    return r.llen("celery") == 0 and r.hlen("unacked") == 0
+def burst(n):
+    start = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for _ in range(n):
+            app.send_task("celery.accumulate", (1,), producer=producer)
+    enqueued = time.perf_counter() - start
+    while not drained():
+        time.sleep(0.002)
+    return n / (time.perf_counter() - start), n / enqueued
+burst(50)  # warm up: connections, pool processes
+rate, enqueue_rate = burst({tasks})
+print("JSON " + json.dumps(dict(rate=rate, enqueue_rate=enqueue_rate)))
+'''
 
 
 class Server:
-    """A gunicorn (or honcho) started in the foreground, with its own port."""
+    """A gunicorn started in the foreground, in its own session, with its own port."""
 
     def __init__(self, name, args, cwd, env, port, path="/"):
         self.name, self.args, self.cwd, self.env, self.port, self.path = name, args, cwd, env, port, path
@@ -63,80 +100,140 @@ class Server:
         return [root, *root.children(recursive=True)]
 
     def stop(self):
-        import os
-        import signal
-
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            services.stop_group(self.proc, timeout=40)
+
+
+class CeleryTarget:
+    """A Celery worker and the client that times it, on its own Redis database."""
+
+    def __init__(self, name, cwd, worker_args, client_args, env):
+        self.name, self.cwd, self.worker_args, self.client_args, self.env = (
+            name, cwd, worker_args, client_args, env)
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            self.worker_args, cwd=self.cwd, env=self.env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def measure(self, tasks):
+        out = subprocess.run(self.client_args(tasks), cwd=self.cwd, env=self.env,
+                             capture_output=True, text=True, timeout=600)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("JSON ")]
+        if out.returncode or not lines:
+            raise RuntimeError(f"celery client for {self.name} failed:\n{out.stdout}{out.stderr}")
+        return json.loads(lines[-1][5:])
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            services.stop_group(self.proc, timeout=30)
+
+
+def release(build, config):
+    for step in ("python manage.py collectstatic --noinput", build.processes["release"]):
+        done = build.run(step, config)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5, help="each wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
+    parser.add_argument("--before", default="main",
+                        help="git revision of the template to compare with, e.g. the commit a branch"
+                             " started from ('' for none)")
+    parser.add_argument("--tasks", type=int, default=2000, help="Celery no-op tasks per burst")
     args = parser.parse_args()
+    # Stopped with SIGTERM, still stop the servers it started (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))
     seconds = max(1, int(args.seconds))
     load_before = " ".join(f"{x:.1f}" for x in psutil.getloadavg())
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-parity-"))
     pg, redis = services.Postgres().start(), services.redis().start()
-    servers = []
+    servers, workers = [], []
     try:
         (tmp / "project").mkdir()
         build = stack.Build(tmp / "project")
         config = stack.config_vars(pg, redis, WEB_CONCURRENCY=str(WORKERS))
-        for step in ("python manage.py collectstatic --noinput", build.processes["release"]):
-            done = build.run(step, config)
-            assert done.returncode == 0, done.stdout + done.stderr
+        release(build, config)
+        builds = {"web": (build, config)}
+        if args.before:
+            (tmp / "before").mkdir()
+            template = stack.template_at(args.before, tmp / "before-template")
+            before = stack.Build(tmp / "before", template=template)
+            pg.sql("CREATE DATABASE before")
+            before_config = {**config, "DATABASE_URL": pg.url.rsplit("/", 1)[0] + "/before"}
+            release(before, before_config)
+            builds["before"] = (before, before_config)
 
-        # The ceiling and Django's plain startproject page, on the project's own gunicorn and Django.
+        # The ceiling and Django's plain startproject, on the project's own gunicorn and Django.
         (tmp / "hello").mkdir()
         (tmp / "hello" / "hello.py").write_text(WSGI_HELLO)
-        (tmp / "plain_site").mkdir()
-        subprocess.run([str(build.bin / "django-admin"), "startproject", "plain", str(tmp / "plain_site")],
-                       check=True, cwd=tmp)
+        stack.plain_django(tmp / "plain_site", build.bin / "django-admin")
         gunicorn = str(build.bin / "gunicorn")
         sync = ["--workers", str(WORKERS), "--worker-class", "sync", "--log-level", "warning"]
 
-        def plain_servers():
-            port_c, port_p = services.free_port(), services.free_port()
-            return [
-                Server("ceiling", [gunicorn, *sync, "--bind", f"127.0.0.1:{port_c}", "hello:app"],
-                       tmp / "hello", build.env({}), port_c),
-                Server("plain", [gunicorn, *sync, "--bind", f"127.0.0.1:{port_p}", "plain.wsgi"],
-                       tmp / "plain_site", build.env({}), port_p),
-            ]
-
-        def project_servers():
-            port_w, port_s = services.free_port(), services.free_port()
-            return [
+        def make_servers():
+            made = []
+            port = services.free_port()
+            made.append(Server("ceiling", [gunicorn, *sync, "--bind", f"127.0.0.1:{port}", "hello:app"],
+                               tmp / "hello", build.env({}), port))
+            port = services.free_port()
+            made.append(Server("plain", [gunicorn, *sync, "--bind", f"127.0.0.1:{port}", "plain.wsgi"],
+                               tmp / "plain_site", build.env({}), port))
+            for name, (b, c) in builds.items():
+                port = services.free_port()
                 # The Procfile's web line, as honcho/Heroku run it (PORT from the environment).
-                Server("web", ["bash", "-c", build.processes["web"]], build.path,
-                       build.env({**config, "PORT": str(port_w)}), port_w),
-                Server("sync", [gunicorn, "--config", "gunicorn.conf.py", "--worker-class", "sync"],
-                       build.path, build.env({**config, "PORT": str(port_s)}), port_s),
-            ]
+                made.append(Server(name, ["bash", "-c", b.processes["web"]], b.path,
+                                   b.env({**c, "PORT": str(port)}), port))
+            return made
 
         # Time to the first 200, median of 3 (each start alone on the machine).
         starts = {}
         for _ in range(3):
-            for server in [*plain_servers(), *project_servers()]:
+            for server in make_servers():
                 starts.setdefault(server.name, []).append(server.start())
                 server.stop()
 
-        servers = [*plain_servers(), *project_servers()]
+        servers = make_servers()
         for server in servers:
             server.start()
         by_name = {s.name: s for s in servers}
-        # The worker, for its memory: started the way honcho starts the Procfile's worker.
-        worker = None
-        if "worker" in build.processes:
-            worker = stack.Honcho(build, config, processes=["worker"]).start()
+
+        # Celery: each worker on its own Redis database, so none takes another's tasks.
+        base = redis.url.rsplit("/", 1)[0]  # redis://127.0.0.1:PORT
+        client_code = {
+            "project": "from celery import current_app as app\napp.loader.import_default_modules()",
+            "defaults": "sys.path.insert(0, '.')\nfrom celery_defaults import app",
+        }
+
+        def project_worker(name, b, c, db):
+            env = b.env({**c, "REDIS_URL": f"{base}/{db}"})
+            line = b.processes["worker"].replace("newrelic-admin run-program", "")
+            worker = [*shlex.split(line), "--loglevel", "WARNING"]
+            code = CELERY_CLIENT.format(app=client_code["project"], tasks="{tasks}")
+            return CeleryTarget(
+                name, b.path, ["bash", "-c", shlex.join(worker)],
+                lambda n: ["python", "manage.py", "shell", "--no-imports", "-c", code.format(tasks=n)], env)
+
+        celery_targets = [project_worker("project", build, config, 1)]
+        (build.path / "celery_defaults.py").write_text(CELERY_DEFAULTS)
+        defaults_code = CELERY_CLIENT.format(app=client_code["defaults"], tasks="{tasks}")
+        celery_targets.append(CeleryTarget(
+            "defaults", build.path,
+            [str(build.bin / "celery"), "-A", "celery_defaults", "worker", "--concurrency", str(WORKERS),
+             "--loglevel", "WARNING"],
+            lambda n: [str(build.bin / "python"), "-c", defaults_code.format(tasks=n)],
+            build.env({"REDIS_URL": f"{base}/2"})))
+        if "before" in builds:
+            celery_targets.append(project_worker("before", *builds["before"], 3))
+        workers = celery_targets
+        for worker in workers:
+            worker.start()
+        time.sleep(5)  # the workers connect and fork their processes
 
         runs = {}
         for _ in range(args.rounds):
@@ -144,20 +241,19 @@ def main():
                 for server in servers:
                     result = stack.wrk(server.url(), connections, seconds)
                     runs.setdefault(("hello", server.name, connections), []).append(result)
-            for name in ("web", "sync"):
+            for name in builds:
                 url = by_name[name].url("/parity/sleep/?s=0.05")
                 result = stack.wrk(url, 256, seconds, timeout="30s")
                 runs.setdefault(("io", name, 256), []).append(result)
+            for worker in workers:
+                runs.setdefault(("celery", worker.name), []).append(worker.measure(args.tasks))
 
-        rss = {name: stack.rss_mb(by_name[name].tree()) for name in ("web", "sync")}
-        pss = {name: stack.pss_mb(by_name[name].tree()) for name in ("web", "sync")}
-        if worker:
-            rss["worker"] = stack.rss_mb(worker.processes_of("celery worker"))
-            pss["worker"] = stack.pss_mb(worker.processes_of("celery worker"))
-            worker.stop()
+        pss = {s.name: stack.pss_mb(s.tree()) for s in servers}
     finally:
         for server in servers:
             server.stop()
+        for worker in workers:
+            worker.stop()
         pg.close()
         redis.close()
 
@@ -167,39 +263,67 @@ def main():
     def errors(key):
         return sum(r["non_2xx"] + r["socket_errors"] for r in runs[key])
 
+    names = [s.name for s in servers]
     print(f"wrk {seconds} s per run, {args.rounds} interleaved rounds, medians; {WORKERS} workers each;"
-          f" load average before: {load_before}")
-    print(f"{'hello page':<12}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'/ceiling':>10}")
-    figures = {"hello": {}, "io": {}, "rss_mb": rss, "pss_mb": pss, "first_200_s": {}}
+          f" load average before: {load_before}; before = the template at {args.before or '-'}")
+    print(f"{'hello page':<10}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>9}"
+          f"{'errors':>8}{'/plain':>8}{'/ceiling':>10}")
+    figures = {"hello": {}, "io": {}, "celery": {}, "pss_mb": pss, "first_200_ms": {}}
     for connections in (32, 128):
         ceiling = med(("hello", "ceiling", connections), "rps")
-        for name in ("ceiling", "plain", "web", "sync"):
+        plain = med(("hello", "plain", connections), "rps")
+        for name in names:
             key = ("hello", name, connections)
-            rps = med(key, "rps")
-            print(f"{name:<12}{connections:>6}{rps:>10.0f}{med(key, 'p50_ms'):>9.1f}"
-                  f"{med(key, 'p99_ms'):>9.1f}{errors(key):>8}{rps / ceiling:>10.2f}")
+            rps, p50, p99 = med(key, "rps"), med(key, "p50_ms"), med(key, "p99_ms")
+            print(f"{name:<10}{connections:>6}{rps:>9.0f}{p50:>9.1f}{p99:>9.1f}{p99 / p50:>9.1f}"
+                  f"{errors(key):>8}{rps / plain:>8.2f}{rps / ceiling:>10.3f}")
             figures["hello"][f"{name}@{connections}"] = {
-                "rps": rps, "p50_ms": med(key, "p50_ms"), "p99_ms": med(key, "p99_ms"),
-                "errors": errors(key), "ratio_to_ceiling": rps / ceiling,
+                "rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors(key),
+                "ratio_to_plain": rps / plain, "ratio_to_ceiling": rps / ceiling,
             }
     bound = WORKERS * POOL_SIZE / 0.05
-    web_io, sync_io = med(("io", "web", 256), "rps"), med(("io", "sync", 256), "rps")
-    print(f"\n50 ms database wait, 256 connections: web (gevent) {web_io:.0f} req/s, "
-          f"sync {sync_io:.0f} req/s, bound {bound:.0f} req/s ({WORKERS} x {POOL_SIZE} / 0.05 s)")
-    print(f"  web / sync = {web_io / sync_io:.1f}x (goal 8x), web / bound = {web_io / bound:.2f} "
-          f"(goal 0.9), errors web {errors(('io', 'web', 256))}, sync {errors(('io', 'sync', 256))}")
-    figures["io"] = {"web_rps": web_io, "sync_rps": sync_io, "bound_rps": bound,
-                     "web_over_sync": web_io / sync_io, "web_over_bound": web_io / bound,
-                     "errors_web": errors(("io", "web", 256)), "errors_sync": errors(("io", "sync", 256))}
-    print("\nRSS after load (sum over the process tree): "
-          + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()) + " (goal: web under 160 MB)")
-    print("PSS after load (shared pages counted once): "
+    print(f"\n50 ms database wait, 256 connections, bound {bound:.0f} req/s ({WORKERS} x {POOL_SIZE} / 0.05 s):")
+    for name in builds:
+        key = ("io", name, 256)
+        rps = med(key, "rps")
+        print(f"  {name:<8} {rps:.0f} req/s = {rps / bound:.2f} of the bound, p50 {med(key, 'p50_ms'):.0f} ms,"
+              f" errors {errors(key)}")
+        figures["io"][name] = {"rps": rps, "ratio_to_bound": rps / bound, "errors": errors(key)}
+    print(f"\nCelery, {args.tasks} no-op tasks enqueued at once, {WORKERS} worker processes, same Redis:")
+    defaults = med(("celery", "defaults"), "rate")
+    for worker in workers:
+        key = ("celery", worker.name)
+        rate = med(key, "rate")
+        print(f"  {worker.name:<8} {rate:.0f} tasks/s done ({med(key, 'enqueue_rate'):.0f}/s enqueued),"
+              f" {rate / defaults:.2f} of Celery's defaults")
+        figures["celery"][worker.name] = {"rate": rate, "enqueue_rate": med(key, "enqueue_rate"),
+                                          "ratio_to_defaults": rate / defaults}
+    print("\nPSS after load (shared pages counted once): "
           + ", ".join(f"{k} {v:.0f} MB" for k, v in pss.items()))
     for name, times in starts.items():
-        figures["first_200_s"][name] = statistics.median(times)
+        figures["first_200_ms"][name] = statistics.median(times) * 1000
     print("start to first 200 (median of 3): "
-          + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in figures["first_200_s"].items())
-          + " (goal: web under 600 ms)")
+          + ", ".join(f"{k} {v:.0f} ms" for k, v in figures["first_200_ms"].items()))
+
+    web = figures["hello"]
+    goals = [
+        ("req/s >= plain at 32 and 128", all(web[f"web@{c}"]["ratio_to_plain"] >= 1 for c in (32, 128)),
+         " / ".join(f"{web[f'web@{c}']['ratio_to_plain']:.2f}" for c in (32, 128))),
+        ("p99 <= 3x p50 at 32", web["web@32"]["p99_ms"] <= 3 * web["web@32"]["p50_ms"],
+         f"{web['web@32']['p99_ms'] / web['web@32']['p50_ms']:.1f}x"),
+        ("no errors", all(v["errors"] == 0 for k, v in web.items() if k.startswith("web@"))
+         and figures["io"]["web"]["errors"] == 0, ""),
+        ("web PSS <= 100 MB", pss["web"] <= 100, f"{pss['web']:.0f} MB"),
+        ("start to first 200 <= 600 ms", figures["first_200_ms"]["web"] <= 600,
+         f"{figures['first_200_ms']['web']:.0f} ms"),
+        ("database wait >= 0.9 of the bound", figures["io"]["web"]["ratio_to_bound"] >= 0.9,
+         f"{figures['io']['web']['ratio_to_bound']:.2f}"),
+        ("Celery >= 0.5 of its defaults", figures["celery"]["project"]["ratio_to_defaults"] >= 0.5,
+         f"{figures['celery']['project']['ratio_to_defaults']:.2f}"),
+    ]
+    print("\nGoals (web):")
+    for what, met, figure in goals:
+        print(f"  {'met    ' if met else 'NOT met'}  {what}: {figure}")
     print("JSON " + json.dumps(figures))
 
 

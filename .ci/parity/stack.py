@@ -78,11 +78,68 @@ def procfile(path):
     )
 
 
-class Build:
-    """A fresh project built as the buildpack builds it: .venv from requirements.txt alone."""
+def template_at(ref, dest):
+    """The template as it is at git revision `ref` (say, main), in the folder `dest`: to measure
+    a change against what it replaces, in the same run."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", ref], cwd=TEMPLATE, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
 
-    def __init__(self, tmp, python=PROJECT_PYTHON, parity_app=True):
-        self.path = render(Path(tmp))
+
+def render_from(template, tmp, name=NAME):
+    """startproject from another copy of the template (render() uses this checkout)."""
+    django_admin = Path(sys.executable).with_name("django-admin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    subprocess.run(
+        [str(django_admin), "startproject", f"--template={template}", "--extension=py,html", name],
+        cwd=tmp, check=True, env=env,
+    )
+    return Path(tmp) / name
+
+
+PLAIN_VIEW = '''\
+from django.shortcuts import render
+from django.urls import path
+
+
+def hello(request):
+    return render(request, "hello.html", {"name": "plain"})
+
+
+urlpatterns = [path("", hello)]
+'''
+PLAIN_TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Hello</title></head>
+<body><main><h1>Hello from {{ name }}</h1><p>Django, pages by its own template language.</p></main></body>
+</html>
+"""
+
+
+def plain_django(dest, django_admin):
+    """Django's own `startproject`, DEBUG off, with one view rendering a template: the anchor a
+    project template has to keep up with. Its WSGI module is plain.wsgi, in `dest`."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(django_admin), "startproject", "plain", str(dest)], check=True, cwd=dest)
+    (dest / "plain" / "templates").mkdir()
+    (dest / "plain" / "templates" / "hello.html").write_text(PLAIN_TEMPLATE)
+    (dest / "plain" / "hello.py").write_text(PLAIN_VIEW)
+    settings = dest / "plain" / "settings.py"
+    text = settings.read_text().replace("DEBUG = True", "DEBUG = False")
+    text = text.replace("ALLOWED_HOSTS = []", 'ALLOWED_HOSTS = ["127.0.0.1", "localhost"]')
+    text += '\nROOT_URLCONF = "plain.hello"\nTEMPLATES[0]["DIRS"] = [BASE_DIR / "plain" / "templates"]\n'
+    settings.write_text(text)
+    return dest
+
+
+class Build:
+    """A fresh project built as the buildpack builds it: .venv from requirements.txt alone.
+    From this checkout, or from another copy of the template (`template`, see template_at)."""
+
+    def __init__(self, tmp, python=PROJECT_PYTHON, parity_app=True, template=None):
+        self.path = render_from(template, Path(tmp)) if template else render(Path(tmp))
         if parity_app:
             add_parity_app(self.path)
         subprocess.run([python, "-m", "venv", ".venv"], cwd=self.path, check=True)

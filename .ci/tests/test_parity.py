@@ -121,6 +121,7 @@ def test_gunicorn_config_is_valid_and_follows_heroku(build, config):
     assert int(values["keepalive"]) > 90  # longer than Router 2.0's idle keep-alive
     assert values["accesslog"] == "-"
     assert int(values["max_requests"]) > 0 and int(values["max_requests_jitter"]) > 0
+    assert values["preload_app"] == "True"  # so a worker's replacement is a fork, not an import
     assert values["forwarded_allow_ips"] == "['*']"
 
 
@@ -288,6 +289,25 @@ def test_a_request_waiting_too_long_for_a_pooled_connection_fails_clearly(releas
     assert "couldn't get a connection after 1.00 sec" in log.read_text()
 
 
+def test_connections_the_database_ended_are_replaced_before_they_are_lent(dynos, postgres):
+    """The pool lends a connection it lent a moment ago without checking it (libs/postgresql),
+    unless the server has said something since: connections the database ended are replaced."""
+    result = stack.wrk(dynos.url("/parity/db/"), 32, seconds=2)  # every pooled one lent just now
+    assert result["non_2xx"] == 0, result["output"]
+    sampler = stack.ConnectionSampler(postgres)
+    ports = sampler._ports(dynos.processes_of("gunicorn"))
+    assert ports, "web holds no pooled connection after the load"
+    ended = postgres.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        f"WHERE client_port IN ({','.join(map(str, ports))})"
+    )
+    assert int(ended) == len(ports)
+
+    result = stack.wrk(dynos.url("/parity/db/"), 32, seconds=2)
+    assert result["requests"] > 0 and result["non_2xx"] == 0, result["output"]
+    assert result["socket_errors"] == 0, result["output"]
+
+
 def test_postgres_restart_under_load_recovers_without_restarting_the_app(dynos, postgres):
     master = dynos.gunicorn_master().pid
     load = threading.Thread(target=stack.wrk, args=(dynos.url("/parity/db/"), 32, 6))
@@ -299,7 +319,8 @@ def test_postgres_restart_under_load_recovers_without_restarting_the_app(dynos, 
     load.join()
 
     assert status_while_down == 500  # the page fails while the database is down...
-    stack.wait_for_200(dynos.url("/parity/db/"), timeout=30)  # ...and comes back by itself
+    status_once_back, _ = stack.get(dynos.url("/parity/db/"), timeout=30)
+    assert status_once_back == 200  # ...and not once it is back: dead connections are replaced
     result = stack.wrk(dynos.url("/parity/db/"), 64, seconds=2)
     assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
     assert dynos.gunicorn_master().pid == master, "the app was restarted"

@@ -328,10 +328,10 @@ def worker(prod):
 # --- Tests ---------------------------------------------------------------------------------------
 
 
-def test_prod_boots_under_newrelic_admin_without_a_license_key(web):
+def test_prod_boots_without_a_new_relic_license_key(web):
     server = web()
 
-    assert server.command.startswith("newrelic-admin run-program ")
+    assert server.command == "gunicorn --config gunicorn.conf.py"  # the agent starts in its config
     status, body = server.health()
     assert status == 200 and body == {"status": "ok", "database": "ok", "cache": "ok", "broker": "ok"}
     # Plain HTTP is redirected to HTTPS, except the health check above.
@@ -343,6 +343,17 @@ def test_prod_boots_under_newrelic_admin_without_a_license_key(web):
     # Each service that is off says so once per process, on stdout.
     assert out.count("new relic: NEW_RELIC_LICENSE_KEY is not set") == 1, out
     assert out.count("sentry: SENTRY_DSN is not set") == 1, out
+
+
+def test_web_starts_new_relic_s_agent_when_a_license_key_is_set(web):
+    # A collector on loopback that is not there: the agent logs its failure and the site works.
+    server = web(NEW_RELIC_LICENSE_KEY="0" * 40, NEW_RELIC_LOG="stdout", NEW_RELIC_HOST="127.0.0.1")
+
+    status, _, page = server.get("/")
+    assert status == 200 and f"Hello from {NAME}" in page
+    out = server.stop()
+    assert "New Relic Python Agent (" in out, out
+    assert "NEW_RELIC_LICENSE_KEY is not set" not in out, out
 
 
 def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
