@@ -186,8 +186,9 @@ def sentry():
 
 
 @pytest.fixture(scope="module")
-def prod(project, postgres):
-    """The project with reqs/prod.txt installed and its database migrated under prod settings."""
+def prod(project, postgres, redis):
+    """The project with reqs/prod.txt installed and its database migrated under prod settings,
+    Redis its broker (production's server processes refuse to start without one)."""
     project.run(project.bin / "python", "-m", "pip", "install", "--quiet", "-r", "reqs/prod.txt")
     env = {
         "DJANGO_SETTINGS_MODULE": f"{NAME}.settings.prod",
@@ -196,6 +197,9 @@ def prod(project, postgres):
         "DATABASE_SSL_REQUIRE": "false",
         "ALLOWED_HOSTS": "127.0.0.1",
         "WEB_CONCURRENCY": "1",
+        "REDIS_URL": redis.url,
+        # sentry-sdk takes a checkout's git commit as the release before Heroku's; a dyno has none.
+        "GIT_DIR": os.devnull,
     }
     # What Heroku's build and release phase run.
     project.manage("collectstatic", "--noinput", env=env)
@@ -345,6 +349,64 @@ def test_prod_boots_under_newrelic_admin_without_a_license_key(web):
     assert out.count("sentry: SENTRY_DSN is not set") == 1, out
 
 
+@pytest.mark.parametrize(
+    "name, process", [("web", "web process"), ("worker", "Celery worker"),
+                      ("scheduler", "Celery scheduler (beat)")],
+)
+def test_prod_refuses_to_start_a_server_process_without_a_broker(prod, name, process):
+    project, base = prod
+    started = Process(project, {**base, "REDIS_URL": ""}, name)
+    try:
+        code = started.proc.wait(60)
+    finally:
+        out = started.stop()
+
+    assert code != 0, out  # gunicorn too stops, rather than start new workers that stop
+    line = (f"REDIS_URL and CLOUDAMQP_URL are not set: the {process} needs a broker for Celery in "
+            "production, e.g. heroku addons:create heroku-redis:mini")
+    assert line in out.splitlines(), out
+    assert "Traceback" not in out, out
+
+
+def test_pages_load_in_a_browser_with_a_strict_content_security_policy(prod, web):
+    from chromium import Chromium
+
+    site = web()
+    site.login()
+    status, headers, _ = site.get("/")
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "unsafe-inline" not in policy, policy
+    assert "Content-Security-Policy-Report-Only" not in headers
+    pages = ["/", "/admin/", "/admin/auth/user/add/", "/admin/waffle/flag/add/", "/celery/"]
+    with Chromium() as browser:
+        # As Heroku's router says for an HTTPS visitor; the session of the login above.
+        browser.call("Network.setExtraHTTPHeaders", headers={"X-Forwarded-Proto": "https"})
+        browser.call("Network.setCookie", name="sessionid", value=site.cookies["sessionid"],
+                     url=f"http://127.0.0.1:{site.port}/")
+        visits = {page: browser.visit(f"http://127.0.0.1:{site.port}{page}") for page in pages}
+        title = browser.evaluate("document.title")
+    site.stop()
+
+    for page, visit in visits.items():
+        document = next(r for r in visit.requests if r.type == "Document")
+        assert document.status == 200, (page, document)
+        assert "Content-Security-Policy" in [h.title() for h in document.headers], document
+        scripts = [r for r in visit.requests if r.type == "Script"]
+        assert scripts and all(r.status == 200 and not r.failed for r in scripts), (page, scripts)
+        assert not [entry for entry in visit.console if entry[0] in ("error", "warning")], (
+            page, visit.console)
+    assert "Add flag" in title  # the last page, the admin's, rendered as the logged-in user
+
+
+def test_content_security_policy_report_only_by_environment_variable(prod, web):
+    site = web(CSP_REPORT_ONLY="true")
+    status, headers, _ = site.get("/")
+    site.stop()
+
+    assert status == 200 and "Content-Security-Policy" not in headers
+    assert "default-src 'self'" in headers["Content-Security-Policy-Report-Only"]
+
+
 def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
     if kind == "redis":
         return {"REDIS_URL": redis.url}
@@ -383,7 +445,7 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
         status, _, page = site.get("/")
         assert status == 200 and f"Hello from {NAME}" in page
         assert site.logged_in()
-        # With REDIS_URL, Redis is Celery's broker too; without it, the broker is a local folder.
+        # Redis is Celery's broker too: down with it, up while memcached is the one down.
         broker = "down" if kind == "redis" else "ok"
         body = {"status": "down", "database": "ok", "cache": "down", "broker": broker}
         assert site.health() == (503, body)
@@ -424,7 +486,7 @@ def test_a_view_error_reaches_sentry_and_the_log_with_release_and_request_id(pro
     # A database that is down makes the Celery sample page fail (it lists rows).
     broken_db = f"postgres://ci:ci@127.0.0.1:{services.free_port()}/ci"
     site = web(
-        SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="staging", HEROKU_SLUG_COMMIT="0123abc",
+        SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="staging", HEROKU_BUILD_COMMIT="0123abc",
         DATABASE_URL=broken_db,
     )
 
@@ -479,7 +541,7 @@ def test_a_task_error_reaches_sentry_and_the_log(prod, redis, sentry, worker):
         "REDIS_URL": redis.url,
         "SENTRY_DSN": sentry.dsn,
         "SENTRY_ENVIRONMENT": "production",
-        "HEROKU_RELEASE_VERSION": "v7",
+        "HEROKU_BUILD_COMMIT": "7e8f9a0",
     }
     tasks = worker(**env)
     # A message the task cannot read: a real error inside a real task.
@@ -492,7 +554,7 @@ def test_a_task_error_reaches_sentry_and_the_log(prod, redis, sentry, worker):
 
     event = sentry.wait_for_event(timeout=60)
     assert event["exception"]["values"][-1]["type"] == "KeyError"
-    assert event["release"] == "v7" and event["environment"] == "production"
+    assert event["release"] == "7e8f9a0" and event["environment"] == "production"
     out = tasks.stop()
     lines = [line for line in out.splitlines() if line.startswith("ERROR celery.app.trace ")]
     assert lines and "KeyError" in lines[0] and "send_email" in lines[0], out
