@@ -87,7 +87,7 @@ PLANS = {
     "scheduler": ["standard"],
     "mailgun": ["starter", "foundation"],
 }
-APP_FEATURES = ["runtime-dyno-metadata", "preboot", "http-session-affinity"]
+APP_FEATURES = ["runtime-dyno-metadata", "runtime-dyno-build-metadata", "preboot", "http-session-affinity"]
 REGIONS = {"us": "United States", "eu": "Europe"}
 EMAIL = "developer@example.com"
 ACCOUNT_ID = str(uuid.UUID(int=1))

@@ -230,6 +230,7 @@ def assert_complete(site):
         assert len(config["SECRET_KEY"]) >= 50
         secrets.add(config["SECRET_KEY"])
         assert app["_features"]["runtime-dyno-metadata"] is True
+        assert app["_features"]["runtime-dyno-build-metadata"] is True  # HEROKU_BUILD_COMMIT
         database = next(a for a in platform.app_addons(app) if a["addon_service"]["name"] == "heroku-postgresql")
         assert platform.schedules[database["id"]] == [
             {"name": "DATABASE_URL", "hour": 2, "timezone": "UTC"}

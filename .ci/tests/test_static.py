@@ -81,10 +81,11 @@ def collected(project, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def web(project, collected, postgres):
+def web(project, collected, postgres, redis):
     """gunicorn under prod settings with the collected files (WhiteNoise serves them). The hello
-    page reads a feature flag (waffle), so it gets a migrated database."""
-    database = {"DATABASE_URL": postgres.url, "DATABASE_SSL_REQUIRE": "false"}
+    page reads a feature flag (waffle), so it gets a migrated database; production's web process
+    needs a broker."""
+    database = {"DATABASE_URL": postgres.url, "DATABASE_SSL_REQUIRE": "false", "REDIS_URL": redis.url}
     project.manage("migrate", "--noinput", env=prod_env(**database))
     port = services.free_port()
     env = prod_env(PORT=str(port), WEB_CONCURRENCY="1", **database)
