@@ -46,6 +46,8 @@ class Request:
 @dataclass
 class Visit:
     requests: list
+    # What the page wrote to the console, Content-Security-Policy violations included: (level, text).
+    console: list = field(default_factory=list)
 
 
 class Chromium:
@@ -81,6 +83,7 @@ class Chromium:
         self.call("Network.enable")
         self.call("Page.enable")
         self.call("Runtime.enable")
+        self.call("Log.enable")
         return self
 
     def __exit__(self, *exc):
@@ -137,9 +140,16 @@ class Chromium:
             pass
         finally:
             self.ws.settimeout(self.timeout)
-        requests = {}
+        requests, console = {}, []
         for event in self.events:
             params = event.get("params", {})
+            if event["method"] == "Log.entryAdded":
+                console.append((params["entry"]["level"], params["entry"]["text"]))
+            elif event["method"] == "Runtime.consoleAPICalled":
+                texts = [str(arg.get("value", arg.get("description", ""))) for arg in params["args"]]
+                console.append((params["type"], " ".join(texts)))
+            elif event["method"] == "Runtime.exceptionThrown":
+                console.append(("error", params["exceptionDetails"].get("text", "")))
             rid = params.get("requestId")
             if event["method"] == "Network.requestWillBeSent":
                 requests[rid] = Request(url=params["request"]["url"], type=params.get("type", ""))
@@ -157,7 +167,7 @@ class Chromium:
                 elif event["method"] == "Network.loadingFailed":
                     req.failed = params.get("errorText", "failed")
         self.events.clear()
-        return Visit(list(requests.values()))
+        return Visit(list(requests.values()), console)
 
     def evaluate(self, expression):
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)

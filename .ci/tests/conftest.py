@@ -16,18 +16,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import services  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[2]
+# The template's own guide (GitHub shows it first); the root README.md is the new project's.
+GUIDE = TEMPLATE / ".github" / "README.md"
 NAME = "mysite"
-# The Python a new project's .venv is made with (README: "Python 3.12 or 3.13").
+# The Python the shared project's .venv is made with: production's, from .python-version.
 PROJECT_PYTHON = os.environ.get("PROJECT_PYTHON", "python3.13")
 SEED_COMMAND = "django-admin startproject --template={template} --extension=py,html {name}"
 
 
 def readme_command():
-    """The startproject command exactly as README.md gives it, with the template's path filled in."""
-    text = (TEMPLATE / "README.md").read_text()
-    match = re.search(r"(django-admin startproject .*)$", text, re.M)
-    assert match, "README.md gives no django-admin startproject command"
-    return match.group(1).replace("https://github.com/djeroku/djeroku/archive/main.zip", "{template}").replace("NAME", "{name}")
+    """The startproject command exactly as the template's guide gives it, the template filled in."""
+    text = GUIDE.read_text()
+    match = re.search(r"(django-admin startproject .*) (\w+)$", text, re.M)
+    assert match, f"{GUIDE} gives no django-admin startproject command"
+    command = match.group(1).replace("https://github.com/djeroku/djeroku/archive/main.zip", "{template}")
+    return f"{command} {{name}}"
 
 
 def template_files():
@@ -68,6 +71,7 @@ class Project:
         return self.path / ".venv" / "bin"
 
     def env(self, **extra):
+        """For the production processes: the venv's bin first on PATH, as on a Heroku dyno."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "VIRTUAL_ENV"))}
         env["PATH"] = f"{self.bin}:{env['PATH']}"
         return {**env, **extra}
@@ -80,6 +84,13 @@ class Project:
 
     def manage(self, *args, **kw):
         return self.run(self.bin / "python", "manage.py", *args, **kw)
+
+    def install_prod(self):
+        """Add reqs/prod.txt (gunicorn, newrelic...), which Heroku installs and bin/setup does not,
+        with the uv that bin/setup put in .venv (the versions both locks share are the same)."""
+        self.run(self.bin / "uv", "pip", "install", "--quiet", "--require-hashes",
+                 "--python", self.bin / "python", "--requirement", "reqs/prod.txt",
+                 env={"UV_SYSTEM_CERTS": "1"})
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,8 @@ STRING_QUANTITIES = {("formation", "Batch Update")}
 # Properties the real CLI sends that the published schema does not name (it allows them: its
 # objects are open; this stand-in is stricter and names each one it lets through).
 EXTRA_PROPERTIES = {("pipeline", "Create"): {"generation"}}
+# Bodies the real CLI sends to links the schema gives none: `pipelines:destroy` sends the name.
+BODY_WITHOUT_SCHEMA = {("pipeline", "Delete"): {"name"}}
 
 # What each add-on service sets in its app's config, as Heroku's add-ons do.
 ADDON_CONFIG = {
@@ -85,7 +87,7 @@ PLANS = {
     "scheduler": ["standard"],
     "mailgun": ["starter", "foundation"],
 }
-APP_FEATURES = ["runtime-dyno-metadata", "preboot", "http-session-affinity"]
+APP_FEATURES = ["runtime-dyno-metadata", "runtime-dyno-build-metadata", "preboot", "http-session-affinity"]
 REGIONS = {"us": "United States", "eu": "Europe"}
 EMAIL = "developer@example.com"
 ACCOUNT_ID = str(uuid.UUID(int=1))
@@ -180,8 +182,11 @@ class Schema:
                     candidates.append((None, problems))
                     continue
             elif body not in (None, {}):
-                candidates.append((None, ["this route takes no body"]))
-                continue
+                allowed = BODY_WITHOUT_SCHEMA.get((name, link["title"]), set())
+                if not (isinstance(body, dict) and body.keys() <= allowed):
+                    candidates.append((None, ["this route takes no body"]))
+                    continue
+                self.leniencies.append(f"{name} {link['title']}: body {sorted(body)} let through")
             return name, link["title"], params
         if not candidates:
             raise Rejected(404, "not_found", f"No {method} {path} in the Platform API schema.")
@@ -205,6 +210,10 @@ class Platform:
         self.schedules = {}  # add-on id -> [transfer schedule]
         self.backups = {}  # add-on id -> [backup transfer]
         self.fail_addons = set()  # services whose creation fails (to test a failure mid-way)
+        # App names someone else holds -> what reading one answers: 403 (an app you were once
+        # given access to, say) or 404 (Heroku does not say that a name it hides exists).
+        # Creating one answers 422 "Name is already taken", as Heroku does.
+        self.others = {}
         self.dynos = {}  # rendezvous secret -> one-off dyno to run
         self.rendezvous = None  # a Rendezvous, when one-off dynos are wanted
         self.numbers = itertools.count(1000)
@@ -212,6 +221,10 @@ class Platform:
     # --- Lookups ----------------------------------------------------------------------------
 
     def app(self, ident):
+        if ident in self.others:
+            if self.others[ident] == 403:
+                raise HerokuError(403, "forbidden", f"You do not have access to the app {ident}.")
+            raise not_found("app")
         for app in self.apps.values():
             if ident in (app["id"], app["name"]):
                 return app
@@ -341,8 +354,8 @@ class Platform:
 
     def create_app(self, body, team=None):
         name = body.get("name") or f"app-{next(self.numbers)}"
-        if any(a["name"] == name for a in self.apps.values()):
-            raise HerokuError(422, "invalid_params", f"Name {name} is already taken")
+        if name in self.others or any(a["name"] == name for a in self.apps.values()):
+            raise HerokuError(422, "invalid_params", "Name is already taken")
         region = body.get("region") or "us"
         if region not in REGIONS:
             raise not_found("region")
@@ -396,8 +409,14 @@ class Platform:
         return 200, [self.public(a) for a in self.apps.values()]
 
     def app_delete(self, ident, **_):
+        """As on Heroku: the app's add-ons, their attachments and its pipeline coupling go with it."""
         app = self.app(ident)
         del self.apps[app["name"]]
+        for addon in self.app_addons(app):
+            del self.addons[addon["id"]]
+            self.schedules.pop(addon["id"], None)
+        self.attachments = {k: a for k, a in self.attachments.items() if a["app"]["id"] != app["id"]}
+        self.couplings = {k: c for k, c in self.couplings.items() if c["app"]["id"] != app["id"]}
         return 200, self.public(app)
 
     def dyno_create(self, ident, body, **_):
@@ -670,8 +689,16 @@ class Platform:
     def pipeline_info(self, ident, **_):
         return 200, self.pipeline(ident)
 
-    def pipeline_list(self, **_):
-        return 200, list(self.pipelines.values())
+    def pipeline_list(self, query, **_):
+        names = query.get("eq[name]")  # `pipelines:info NAME` looks a pipeline up by name
+        return 200, [p for p in self.pipelines.values() if not names or p["name"] in names]
+
+    def pipeline_delete(self, ident, **_):
+        pipeline = self.pipelines.pop(self.pipeline(ident)["id"])
+        self.couplings = {
+            k: c for k, c in self.couplings.items() if c["pipeline"]["id"] != pipeline["id"]
+        }
+        return 200, pipeline
 
     def coupling_of(self, app):
         for coupling in self.couplings.values():

@@ -1,7 +1,8 @@
 """
-`fab heroku_setup`, promote and rollback: the new project's real `fab` drives the real Heroku CLI
-(npm, pinned in .ci/heroku-cli/package.json) against the Platform API stand-in in
-heroku_standin.py, which rejects any request that Heroku's published schema does not allow.
+`fab heroku_setup`, heroku_teardown, promote and rollback: the new project's real `fab` drives the
+real Heroku CLI (npm, pinned in .ci/heroku-cli/package.json) against the Platform API stand-in in
+heroku_standin.py, which rejects any request that Heroku's published schema does not allow, and
+answers for names someone else holds as Heroku does. Interactive runs get a terminal (pexpect).
 `git push staging master` lands in a local bare repository whose hook builds a slug and a release
 through the same API, as Heroku's build would.
 """
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import pexpect
 import pytest
 from conftest import TEMPLATE
 
@@ -30,6 +32,11 @@ APPS = {"staging": f"{NAME}-staging", "production": NAME}
 ADDON_SERVICES = [
     "heroku-postgresql", "heroku-redis", "memcachier", "papertrail", "newrelic", "scheduler", "mailgun",
 ]
+# pexpect forks each terminal's child from this process, which the stand-in's threads make
+# multi-threaded; the child does little but exec fab, so Python's warning is noise here.
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* use of forkpty:DeprecationWarning")
+# POSTs that read: the CLI resolves add-ons and attachments, and filters apps, with them.
+READS = {"add-on Resolution", "add-on-attachment Resolution", "filter-apps Apps"}
 
 # The Procfile has worker and scheduler (Celery); should a project drop them, the test's copy
 # gets them back, so that scaling is always exercised (the fabfile reads the Procfile as it runs).
@@ -143,15 +150,30 @@ class Site:
         self.env["NODE_EXTRA_CA_CERTS"] = str(standin.run_dynos(self.path, self.env["PATH"]))
 
     def run(self, *args, input=None, env=None, timeout=600):
+        """Run a command as from a script: no terminal (stdin is empty unless `input` is given)."""
         result = subprocess.run(
             [str(a) for a in args], cwd=self.path, env={**self.env, **(env or {})},
-            capture_output=True, text=True, input=input, timeout=timeout,
+            capture_output=True, text=True, input=input if input is not None else "", timeout=timeout,
         )
         result.output = result.stdout + result.stderr
         return result
 
     def fab(self, *args, **kw):
         return self.run(self.fab_path, *args, **kw)
+
+    def terminal(self, *args):
+        """`fab ARGS` in a terminal of its own (a pty), as a user types it: pexpect drives it."""
+        return pexpect.spawn(
+            str(self.fab_path), [str(a) for a in args], cwd=str(self.path), env=self.env,
+            encoding="utf-8", timeout=300, dimensions=(50, 200),
+        )
+
+    def writes(self):
+        """The calls that changed something on Heroku since the last `standin.requests.clear()`."""
+        return [
+            f"{r['method']} {r['path']}" for r in self.standin.requests
+            if r["method"] != "GET" and r.get("link") not in READS
+        ]
 
     @property
     def fab_path(self):
@@ -173,6 +195,12 @@ def site(project, tmp_path, heroku_cli, standin):
     )
     # The only hosts the CLI tried to reach past the stand-in: GitHub's side of pipelines:diff.
     assert set(standin.connects) <= {"kolkrabbi.heroku.com:443", "api.github.com:443"}, standin.connects
+
+
+ADDONS = [
+    "heroku-postgresql:essential-0", "heroku-redis:mini", "memcachier:dev", "papertrail",
+    "newrelic", "scheduler:standard", "mailgun:starter",
+]
 
 
 def setup(site, *extra, **kw):
@@ -202,6 +230,7 @@ def assert_complete(site):
         assert len(config["SECRET_KEY"]) >= 50
         secrets.add(config["SECRET_KEY"])
         assert app["_features"]["runtime-dyno-metadata"] is True
+        assert app["_features"]["runtime-dyno-build-metadata"] is True  # HEROKU_BUILD_COMMIT
         database = next(a for a in platform.app_addons(app) if a["addon_service"]["name"] == "heroku-postgresql")
         assert platform.schedules[database["id"]] == [
             {"name": "DATABASE_URL", "hour": 2, "timezone": "UTC"}
@@ -220,7 +249,14 @@ def secret_keys(site):
     return {name: app["_config"].get("SECRET_KEY") for name, app in site.platform.apps.items()}
 
 
-def test_setup_rerun_push_promote_rollback(site):
+def finish(child):
+    """Wait for a terminal's fab to end; its transcript, and its exit status on the child."""
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.before
+
+
+def test_setup_rerun_push_promote_rollback_teardown(site):
     result = setup(site)
 
     assert result.returncode == 0, result.output
@@ -232,11 +268,20 @@ def test_setup_rerun_push_promote_rollback(site):
     assert site.git("log", "--format=%s") == "New project from the Djeroku template"
     assert "waiting for the first deploy" in result.stdout  # no process types before a deploy
     assert "https://shop-" in result.stdout and "git remote staging" in result.stdout  # summary
+    # Before anything is made, the plan: apps, region, each add-on with its plan, config by name.
+    plan = result.stdout.split("[1/")[0]
+    assert "region eu" in plan and "shop-staging (git remote staging): new" in plan
+    assert all(addon in plan for addon in ADDONS) and "SECRET_KEY" in plan
+    # Names first: both apps and the pipeline exist before the first add-on is asked for.
+    links = [r.get("link") for r in site.standin.requests]
+    first_addon = links.index("add-on Create")
+    assert links[:first_addon].count("app Create") == 2
+    assert "pipeline-coupling Create" in links[:first_addon]
     # The pipeline came with --stage (without it the CLI prompts, and exits 130 with no terminal).
     couplings = [r for r in site.standin.requests if r["path"] == "/pipeline-couplings" and r["method"] == "POST"]
     assert [c["body"]["stage"] for c in couplings] == ["staging", "production"]
 
-    # Run again: everything is skipped, nothing is made twice, no secret changes.
+    # Run again: everything is skipped, nothing is written, no secret changes.
     secrets_before = secret_keys(site)
     site.standin.requests.clear()
     again = setup(site)
@@ -244,11 +289,18 @@ def test_setup_rerun_push_promote_rollback(site):
     assert again.returncode == 0, again.output
     assert_complete(site)
     assert secret_keys(site) == secrets_before
-    assert again.stdout.count("skipped") >= 2 * (1 + len(ADDON_SERVICES) + 1) + 2
-    made = [r for r in site.standin.requests if r["method"] in ("POST", "PATCH")
-            and r.get("link") in ("app Create", "add-on Create", "pipeline Create",
-                                  "pipeline-coupling Create", "config-var Update")]
-    assert made == [], made
+    assert again.stdout.count("skipped") >= 2 * (1 + len(ADDON_SERVICES) + 3) + 2
+    assert site.writes() == []
+
+    # Another name while the remotes point to shop's apps: refused before anything is made, as
+    # it would leave shop's apps (and their bills) behind.
+    site.standin.requests.clear()
+    other = site.fab("heroku_setup", "--name=shop2", "--region=eu", "--yes")
+
+    assert other.returncode == 1, other.output
+    assert "The git remote staging points to shop-staging, not shop2-staging" in other.output
+    assert "fab heroku_teardown --name=shop" in other.output
+    assert site.writes() == [] and "shop2" not in site.platform.apps
 
     # Deploy staging the seed's way: the push lands in the (bare) git repository behind the remote.
     push = site.run("git", "push", "staging", "master")
@@ -270,11 +322,15 @@ def test_setup_rerun_push_promote_rollback(site):
     assert run["app"] == APPS["staging"] and run["command"].startswith("python manage.py check --deploy")
     assert site.fab("manage", "--command=nosuchcommand").returncode == 1  # its exit code, passed on
 
-    # Promote: the diff is shown (it needs GitHub, which is refused here), then the promotion.
-    promoted = site.fab("promote", input="y\n")  # the staging remote names the app
+    # Promote from a terminal: the diff is shown (it needs GitHub, refused here), asked, promoted.
+    child = site.terminal("promote")  # the staging remote names the app
+    child.expect(r"Promote shop-staging to production\? \[y/N\]: ")
+    shown = child.before
+    child.sendline("y")
+    finish(child)
 
-    assert promoted.returncode == 0, promoted.output
-    assert "connected to GitHub" in promoted.stdout
+    assert child.exitstatus == 0, shown + child.before
+    assert "connected to GitHub" in shown
     assert any("github" in h or "kolkrabbi" in h for h in site.standin.connects)
     (promotion,) = site.platform.promotions.values()
     assert promotion["source"]["app"]["id"] == staging["id"]
@@ -308,6 +364,40 @@ def test_setup_rerun_push_promote_rollback(site):
                     if a["addon_service"]["name"] == "heroku-postgresql")
     assert len(site.platform.backups[database["id"]]) == 1
 
+    # Teardown: never unasked, and only after the name is typed.
+    site.standin.requests.clear()
+    unasked = site.fab("heroku_teardown", f"--name={NAME}")
+    nameless = site.fab("heroku_teardown", "--yes")
+    child = site.terminal("heroku_teardown", f"--name={NAME}")
+    child.expect("Type shop to destroy them: ")
+    listed = child.before
+    child.sendline("shop-staging")
+    finish(child)
+
+    assert unasked.returncode == 1 and "pass --yes" in unasked.output, unasked.output
+    assert nameless.returncode == 1 and "--yes needs --name" in nameless.output
+    assert child.exitstatus == 1 and "nothing was removed" in child.before
+    assert "shop-staging and its 7 add-on(s)" in listed and "pipeline shop" in listed
+    assert site.writes() == [] and sorted(site.platform.apps) == sorted(APPS.values())
+
+    child = site.terminal("heroku_teardown", f"--name={NAME}")
+    child.expect("Type shop to destroy them: ")
+    child.sendline("shop")
+    removed = finish(child)
+
+    assert child.exitstatus == 0, removed
+    assert "Removed: shop-staging and its 7 add-on(s); shop and its 7 add-on(s); pipeline shop" in removed
+    assert "git remote staging; git remote production" in removed
+    platform = site.platform
+    assert platform.apps == {} and platform.addons == {} and platform.pipelines == {}
+    assert platform.couplings == {}
+    assert site.git("remote") == ""
+
+    again = site.fab("heroku_teardown", f"--name={NAME}", "--yes")
+
+    assert again.returncode == 0, again.output
+    assert "Nothing to remove. Not there: shop-staging (no such app); shop (no such app); pipeline shop" in again.stdout
+
 
 def test_failure_mid_way_stops_and_a_rerun_finishes(site):
     site.platform.fail_addons.add("memcachier")
@@ -316,10 +406,11 @@ def test_failure_mid_way_stops_and_a_rerun_finishes(site):
 
     assert failed.returncode == 1, failed.output
     assert "Adding memcachier:dev to shop-staging … FAILED" in failed.stdout
-    assert "could not be provisioned" in failed.stdout  # the CLI's message, shown
-    assert "Stopped at step" in failed.output and "run `fab heroku_setup` again" in failed.output
+    assert failed.output.count("could not be provisioned") == 1  # the CLI's message, once
+    assert "Failed: Adding memcachier:dev to shop-staging" in failed.stdout  # named in the summary
+    assert "run `fab heroku_setup` again" in failed.output
     assert services(site, APPS["staging"]) == ["heroku-postgresql", "heroku-redis"]
-    assert APPS["production"] not in site.platform.apps
+    assert services(site, APPS["production"]) == []  # both names are ours; nothing paid on it yet
 
     site.platform.fail_addons.clear()
     resumed = setup(site)
@@ -329,6 +420,165 @@ def test_failure_mid_way_stops_and_a_rerun_finishes(site):
     assert "Adding heroku-postgresql:essential-0 to shop-staging … skipped" in resumed.stdout
     assert "Adding memcachier:dev to shop-staging … done" in resumed.stdout
     assert_complete(site)
+
+
+def test_interactive_run_that_went_on_past_failures_names_them_and_exits_1(site):
+    site.platform.fail_addons.add("memcachier")
+    child = site.terminal("heroku_setup", f"--name={NAME}", "--region=eu")
+    child.expect(r"AWS access key id for S3 \(empty for none\): ")
+    child.sendline("")
+    child.expect(r"Create what is missing\? \[y/N\]: ")
+    child.sendline("y")
+    for app in APPS.values():
+        child.expect(f"Adding memcachier:dev to {app} … FAILED")
+        child.expect(r"Continue with the next step\? \(no: stop here\) \[y/N\]: ")
+        child.sendline("y")
+    out = finish(child)
+
+    assert child.exitstatus == 1, out
+    assert "Traceback" not in out
+    assert "Failed: Adding memcachier:dev to shop-staging; Adding memcachier:dev to shop" in out
+    for app in APPS.values():
+        assert services(site, app) == sorted(set(ADDON_SERVICES) - {"memcachier"})
+
+
+def test_a_name_someone_else_can_be_seen_to_hold_stops_before_anything_is_made(site):
+    site.platform.others[NAME] = 403  # reading it says "You do not have access"
+
+    result = setup(site)
+
+    assert result.returncode == 1, result.output
+    assert "Nothing was created" in result.output
+    assert "The app name shop belongs to someone else" in result.output
+    assert "--name=ANOTHER" in result.output
+    assert site.writes() == [] and site.platform.apps == {}
+    assert not (site.path / ".git").exists()
+
+
+def test_a_name_taken_unseen_costs_nothing(site):
+    site.platform.others[NAME] = 404  # reading it says nothing; creating it is refused
+
+    result = setup(site)
+
+    assert result.returncode == 1, result.output
+    assert "Creating shop (git remote production) … FAILED" in result.stdout
+    assert result.output.count("The app name shop belongs to someone else") == 1
+    assert "Nothing paid was made, and this run created nothing on Heroku" in result.output
+    assert site.platform.apps == {} and site.platform.addons == {}
+
+
+def test_a_taken_staging_name_lists_what_was_made_and_teardown_removes_it(site):
+    site.platform.others[APPS["staging"]] = 404
+    # From a terminal, where the run would ask to go on after other failures: not after this.
+    child = site.terminal("heroku_setup", f"--name={NAME}", "--region=eu")
+    child.expect(r"AWS access key id for S3 \(empty for none\): ")
+    child.sendline("")
+    child.expect(r"Create what is missing\? \[y/N\]: ")
+    child.sendline("y")
+    out = finish(child)
+
+    assert child.exitstatus == 1, out
+    assert "Traceback" not in out and "Continue with the next step" not in out
+    assert "Creating shop-staging (git remote staging) … FAILED" in out
+    assert "The app name shop-staging belongs to someone else" in out and "--name=ANOTHER" in out
+    assert "This run created:\r\n  shop (git remote production)" in out
+    assert "To remove it: fab heroku_teardown --name=shop" in out
+    assert sorted(site.platform.apps) == [NAME] and site.platform.addons == {}
+
+    # A run with another name does not leave shop behind unsaid: the remote names it.
+    other = site.fab("heroku_setup", "--name=shop2", "--region=eu", "--yes")
+
+    assert other.returncode == 1 and "The git remote production points to shop" in other.output
+    assert "shop2" not in site.platform.apps
+
+    removed = site.fab("heroku_teardown", f"--name={NAME}", "--yes")
+
+    assert removed.returncode == 0, removed.output
+    assert "Removed: shop and its 0 add-on(s); git remote production" in removed.stdout
+    assert "Not there: shop-staging (no such app); pipeline shop; git remote staging" in removed.stdout
+    assert site.platform.apps == {} and site.git("remote") == ""
+
+
+def test_without_a_terminal_nothing_runs_unless_yes(site):
+    for task in (["heroku_setup", "--name=shop"], ["promote"], ["heroku_teardown", "--name=shop"]):
+        result = site.fab(*task)
+
+        assert result.returncode == 1, result.output
+        (line,) = result.output.strip().splitlines()  # one line, no traceback
+        assert "there is no terminal: pass --yes" in line
+    assert site.standin.requests == []
+
+
+def test_interactive_asks_again_at_once_hides_the_secret_and_confirms_first(site):
+    child = site.terminal("heroku_setup")
+    child.expect(r"App name \(NAME-staging and NAME are made\) \[mysite\]: ")
+    child.sendline("Shop_Site")
+    child.expect("may only hold lowercase letters, digits and dashes")
+    child.expect(r"App name \(NAME-staging and NAME are made\) \[mysite\]: ")  # at once
+    child.sendline(NAME)
+    child.expect(r"Heroku team \(empty for your personal account\): ")
+    child.sendline("")
+    child.expect(r"Region \(us, eu\) \[us\]: ")
+    child.sendline("mars")
+    child.expect("region 'mars' is not one of us, eu")
+    child.expect(r"Region \(us, eu\) \[us\]: ")
+    child.sendline("eu")
+    child.expect(r"AWS access key id for S3 \(empty for none\): ")
+    child.sendline("AKIAEXAMPLE")
+    child.expect("AWS secret access key: ")
+    child.sendline("the-aws-secret-value")
+    child.expect("S3 bucket name: ")
+    child.sendline("shop-media")
+    child.expect(r"Create what is missing\? \[y/N\]: ")
+    plan = child.before
+    child.sendline("n")
+    out = finish(child)
+
+    assert child.exitstatus == 1 and "Nothing was created" in out
+    assert "the-aws-secret-value" not in plan + out, "the secret was echoed"
+    assert "region eu" in plan and "shop-staging (git remote staging): new" in plan
+    assert all(addon in plan for addon in ADDONS)
+    assert "SECRET_KEY" in plan and "AWS_SECRET_ACCESS_KEY" in plan
+    assert site.writes() == [] and not (site.path / ".git").exists()
+
+
+def test_end_of_input_at_a_prompt_stops_cleanly(site):
+    child = site.terminal("heroku_setup")
+    child.expect(r"App name .*: ")
+    child.sendeof()
+    out = finish(child)
+
+    assert child.exitstatus == 1 and "No answer" in out and "Traceback" not in out
+    assert site.standin.requests == []
+
+
+def test_no_git_identity_says_how_to_set_it_and_leaves_no_repository(site, tmp_path):
+    home = tmp_path / "new-machine"
+    home.mkdir()
+
+    result = setup(site, env={"HOME": str(home)})
+
+    assert result.returncode == 1, result.output
+    assert "Traceback" not in result.output
+    assert "Please tell me who you are" in result.output  # git's own message
+    assert 'git config --global user.email "you@example.com"' in result.output
+    assert 'git config --global user.name "Your Name"' in result.output
+    assert not (site.path / ".git").exists()
+    assert site.writes() == []
+
+
+@pytest.mark.parametrize("task", ["rollback", "backup", "logs"])
+def test_tasks_pass_the_cli_failure_on_and_say_it_once(site, task):
+    result = site.fab(task, "--app=nosuchapp")
+
+    assert result.returncode != 0, result.output
+    assert result.output.count("Couldn't find that app") == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_startproject_copies_app_json_as_it_is(project):
+    # Not rendered (only .py and .html are): Heroku reads it byte for byte.
+    assert (project.path / "app.json").read_bytes() == (TEMPLATE / "app.json").read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,7 @@ def test_a_request_waiting_too_long_for_a_pooled_connection_fails_clearly(releas
 
 
 def test_connections_the_database_ended_are_replaced_before_they_are_lent(dynos, postgres):
-    """The pool lends a connection it lent a moment ago without checking it (libs/postgresql),
+    """The pool lends a connection it lent a moment ago without checking it (libs/postgres),
     unless the server has said something since: connections the database ended are replaced."""
     result = stack.wrk(dynos.url("/parity/db/"), 32, seconds=2)  # every pooled one lent just now
     assert result["non_2xx"] == 0, result["output"]

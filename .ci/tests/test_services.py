@@ -186,9 +186,10 @@ def sentry():
 
 
 @pytest.fixture(scope="module")
-def prod(project, postgres):
-    """The project with reqs/prod.txt installed and its database migrated under prod settings."""
-    project.run(project.bin / "python", "-m", "pip", "install", "--quiet", "-r", "reqs/prod.txt")
+def prod(project, postgres, redis):
+    """The project with reqs/prod.txt installed and its database migrated under prod settings,
+    Redis its broker (production's server processes refuse to start without one)."""
+    project.install_prod()
     env = {
         "DJANGO_SETTINGS_MODULE": f"{NAME}.settings.prod",
         "SECRET_KEY": secrets.token_urlsafe(50),
@@ -196,6 +197,9 @@ def prod(project, postgres):
         "DATABASE_SSL_REQUIRE": "false",
         "ALLOWED_HOSTS": "127.0.0.1",
         "WEB_CONCURRENCY": "1",
+        "REDIS_URL": redis.url,
+        # sentry-sdk takes a checkout's git commit as the release before Heroku's; a dyno has none.
+        "GIT_DIR": os.devnull,
     }
     # What Heroku's build and release phase run.
     project.manage("collectstatic", "--noinput", env=env)
@@ -356,6 +360,122 @@ def test_web_starts_new_relic_s_agent_when_a_license_key_is_set(web):
     assert "NEW_RELIC_LICENSE_KEY is not set" not in out, out
 
 
+@pytest.mark.parametrize(
+    "name, process", [("web", "web process"), ("worker", "Celery worker"),
+                      ("scheduler", "Celery scheduler (beat)")],
+)
+def test_prod_refuses_to_start_a_server_process_without_a_broker(prod, name, process):
+    project, base = prod
+    started = Process(project, {**base, "REDIS_URL": ""}, name)
+    try:
+        code = started.proc.wait(60)
+    finally:
+        out = started.stop()
+
+    assert code != 0, out  # gunicorn too stops, rather than start new workers that stop
+    line = (f"REDIS_URL and CLOUDAMQP_URL are not set: the {process} needs a broker for Celery in "
+            "production, e.g. heroku addons:create heroku-redis:mini")
+    assert line in out.splitlines(), out
+    assert "Traceback" not in out, out
+
+
+def test_pages_load_in_a_browser_with_a_strict_content_security_policy(prod, web):
+    from chromium import Chromium
+
+    site = web()
+    site.login()
+    status, headers, _ = site.get("/")
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "unsafe-inline" not in policy, policy
+    assert "Content-Security-Policy-Report-Only" not in headers
+    pages = ["/", "/celery/", "/admin/", "/admin/auth/user/add/", "/admin/waffle/flag/add/"]
+    with Chromium() as browser:
+        # As Heroku's router says for an HTTPS visitor; the session of the login above.
+        browser.call("Network.setExtraHTTPHeaders", headers={"X-Forwarded-Proto": "https"})
+        browser.call("Network.setCookie", name="sessionid", value=site.cookies["sessionid"],
+                     url=f"http://127.0.0.1:{site.port}/")
+        visits = {page: browser.visit(f"http://127.0.0.1:{site.port}{page}") for page in pages}
+        title = browser.evaluate("document.title")
+        # The policy bites: an inline script added to the page does not run.
+        inline_ran = browser.evaluate(
+            "const s = document.createElement('script'); s.textContent = 'window.ran = 1';"
+            "document.body.appendChild(s); window.ran === 1"
+        )
+    site.stop()
+
+    for page, visit in visits.items():
+        document = next(r for r in visit.requests if r.type == "Document")
+        assert document.status == 200, (page, document)
+        assert "Content-Security-Policy" in [h.title() for h in document.headers], document
+        scripts = [r for r in visit.requests if r.type == "Script"]
+        assert scripts and all(r.status == 200 and not r.failed for r in scripts), (page, scripts)
+        # Everything else loads too (the browser's own /favicon.ico is the site's 404).
+        others = [r for r in visit.requests if not r.url.endswith("/favicon.ico")]
+        assert all(r.status in (200, 304) and not r.failed for r in others), (page, others)
+        violations = [text for _, text in visit.console if "Content Security Policy" in text]
+        assert not violations, (page, violations)
+    assert "Add Flag" in title  # the last page, the admin's, rendered as the logged-in user
+    assert inline_ran is False
+
+
+def test_content_security_policy_report_only_by_environment_variable(prod, web):
+    site = web(CSP_REPORT_ONLY="true")
+    status, headers, _ = site.get("/")
+    site.stop()
+
+    assert status == 200 and "Content-Security-Policy" not in headers
+    assert "default-src 'self'" in headers["Content-Security-Policy-Report-Only"]
+
+
+# --- A database that cannot be connected to ----------------------------------------------------
+
+BAD_DATABASES = {
+    # (what is wrong, the URL's change, the server's reason in the line)
+    "wrong password": (lambda url, port: url.replace("ci:ci@", "ci:s3cr3t-pw@"),
+                       'FATAL: password authentication failed for user "ci"'),
+    "unknown database": (lambda url, port: url.rsplit("/", 1)[0] + "/nosuchdb",
+                         'FATAL: database "nosuchdb" does not exist'),
+    "closed port": (lambda url, port: url.replace(f":{port}/", f":{services.free_port()}/"),
+                    "Connection refused Is the server running on that host and accepting TCP/IP"),
+    "no TLS on the server": (lambda url, port: url, "server does not support SSL, but SSL was required"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATABASES)
+def test_the_release_phase_says_once_why_the_database_cannot_be_reached(prod, postgres, case):
+    project, base = prod
+    change, reason = BAD_DATABASES[case]
+    url = change(postgres.url, postgres.port)
+    env = {**base, "DATABASE_URL": url, "DATABASE_SSL_REQUIRE": str(case == "no TLS on the server")}
+    release = re.search(r"^release:\s*(.+)$", (project.path / "Procfile").read_text(), re.M).group(1)
+
+    result = project.run(*shlex.split(release.replace("python", str(project.bin / "python"), 1)),
+                         check=False, env=env)
+
+    out = result.stdout + result.stderr
+    assert result.returncode == 1
+    name = url.rsplit("/", 1)[1]
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    [line] = out.strip().splitlines()
+    assert line.startswith(f"cannot connect to database {name} at 127.0.0.1:{port}: "), out
+    assert reason in line and "s3cr3t-pw" not in out
+
+
+def test_each_request_to_an_unreachable_database_logs_one_line_with_the_reason(prod, web):
+    site = web(DATABASE_URL=prod[1]["DATABASE_URL"].replace("ci:ci@", "ci:s3cr3t-pw@"))
+
+    statuses = [site.get("/celery/")[0] for _ in range(3)]
+
+    out = site.stop()
+    assert statuses == [500, 500, 500]
+    errors = [line for line in out.splitlines() if line.startswith("ERROR ")]
+    assert len(errors) == 3, out
+    for line in errors:
+        assert line.startswith("ERROR django.request ") and "DatabaseUnreachable: cannot connect" in line
+        assert 'password authentication failed for user \\"ci\\"' in line or "password authentication failed" in line
+    assert "s3cr3t-pw" not in out and "WARNING psycopg.pool" not in out
+
+
 def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
     if kind == "redis":
         return {"REDIS_URL": redis.url}
@@ -394,7 +514,7 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
         status, _, page = site.get("/")
         assert status == 200 and f"Hello from {NAME}" in page
         assert site.logged_in()
-        # With REDIS_URL, Redis is Celery's broker too; without it, the broker is a local folder.
+        # Redis is Celery's broker too: down with it, up while memcached is the one down.
         broker = "down" if kind == "redis" else "ok"
         body = {"status": "down", "database": "ok", "cache": "down", "broker": broker}
         assert site.health() == (503, body)
@@ -435,7 +555,7 @@ def test_a_view_error_reaches_sentry_and_the_log_with_release_and_request_id(pro
     # A database that is down makes the Celery sample page fail (it lists rows).
     broken_db = f"postgres://ci:ci@127.0.0.1:{services.free_port()}/ci"
     site = web(
-        SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="staging", HEROKU_SLUG_COMMIT="0123abc",
+        SENTRY_DSN=sentry.dsn, SENTRY_ENVIRONMENT="staging", HEROKU_BUILD_COMMIT="0123abc",
         DATABASE_URL=broken_db,
     )
 
@@ -490,7 +610,7 @@ def test_a_task_error_reaches_sentry_and_the_log(prod, redis, sentry, worker):
         "REDIS_URL": redis.url,
         "SENTRY_DSN": sentry.dsn,
         "SENTRY_ENVIRONMENT": "production",
-        "HEROKU_RELEASE_VERSION": "v7",
+        "HEROKU_BUILD_COMMIT": "7e8f9a0",
     }
     tasks = worker(**env)
     # A message the task cannot read: a real error inside a real task.
@@ -503,7 +623,7 @@ def test_a_task_error_reaches_sentry_and_the_log(prod, redis, sentry, worker):
 
     event = sentry.wait_for_event(timeout=60)
     assert event["exception"]["values"][-1]["type"] == "KeyError"
-    assert event["release"] == "v7" and event["environment"] == "production"
+    assert event["release"] == "7e8f9a0" and event["environment"] == "production"
     out = tasks.stop()
     lines = [line for line in out.splitlines() if line.startswith("ERROR celery.app.trace ")]
     assert lines and "KeyError" in lines[0] and "send_email" in lines[0], out

@@ -42,7 +42,7 @@ def prod_env(**extra):
 def ensure_prod_reqs(project):
     """gunicorn and the rest of reqs/prod.txt, which Heroku installs and bin/setup does not."""
     if not (project.bin / "gunicorn").exists():
-        project.run(project.bin / "python", "-m", "pip", "install", "--quiet", "-r", "reqs/prod.txt")
+        project.install_prod()
 
 
 def source_minified(project, env):
@@ -81,10 +81,11 @@ def collected(project, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def web(project, collected, postgres):
+def web(project, collected, postgres, redis):
     """gunicorn under prod settings with the collected files (WhiteNoise serves them). The hello
-    page reads a feature flag (waffle), so it gets a migrated database."""
-    database = {"DATABASE_URL": postgres.url, "DATABASE_SSL_REQUIRE": "false"}
+    page reads a feature flag (waffle), so it gets a migrated database; production's web process
+    needs a broker."""
+    database = {"DATABASE_URL": postgres.url, "DATABASE_SSL_REQUIRE": "false", "REDIS_URL": redis.url}
     project.manage("migrate", "--noinput", env=prod_env(**database))
     port = services.free_port()
     env = prod_env(PORT=str(port), WEB_CONCURRENCY="1", **database)
