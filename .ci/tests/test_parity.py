@@ -188,6 +188,23 @@ def test_health_endpoint_answers(dynos):
     assert status == 200
 
 
+def test_a_flag_turned_on_by_another_process_shows_on_every_worker_within_seconds(dynos, released, config):
+    """Flags are kept 5 s in each process's memory (WAFFLE_CACHE_NAME): one switched on elsewhere
+    (the admin, on another dyno; here `manage.py shell`) reaches both web workers soon after."""
+    news = b'id="hello-news"'
+    assert news not in stack.get(dynos.url("/"))[1]
+    flags = "from waffle.models import Flag; Flag.objects"
+    on = released.run(f"python manage.py shell -c '{flags}.create(name=\"hello_news\", everyone=True)'", config)
+    assert on.returncode == 0, on.stderr
+    try:
+        # Several pages in a row: the two workers take turns, so both must have it.
+        wait_for(lambda: all(news in stack.get(dynos.url("/"))[1] for _ in range(6)), 15,
+                 "the flag did not show on every worker")
+    finally:
+        off = released.run(f"python manage.py shell -c '{flags}.all().delete()'", config)
+        assert off.returncode == 0, off.stderr
+
+
 def test_celery_page_answers_and_the_worker_runs_its_task(dynos, released, config, postgres):
     status, _ = stack.get(dynos.url("/celery/"))
     assert status == 200
