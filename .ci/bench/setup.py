@@ -1,10 +1,10 @@
 """A new user's first minutes: startproject -> bin/setup done -> first page, and bin/test on a fresh
-project, for this template and for an older commit of it (default: where this branch left main),
+project, for this template and for an older commit of it (default: the last whose bin/setup used pip),
 with a cold package cache (a fresh HOME) and a warm one (the HOME of an earlier run).
 
 Runs the way the README says, in a clean shell (env -i, stock PATH, so python3 is the OS's), one
 interleaved round after another; prints each figure's median (min-max) and the ratios old/new.
-Run: .ci/.venv/bin/python .ci/bench/setup.py [--rounds 3] [--old main]
+Run: .ci/.venv/bin/python .ci/bench/setup.py [--rounds 3] [--old COMMIT]
 """
 
 import argparse
@@ -70,13 +70,18 @@ def first_run(template, home, work, command="bin/setup"):
     return figures
 
 
+def git(*args):
+    return subprocess.run(["git", *args], cwd=TEMPLATE, check=True, capture_output=True, text=True).stdout
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--old", default=None, help="commit of the old template (default: merge-base with main)")
+    parser.add_argument("--old", help="commit of the old template (default: before bin/setup used uv)")
     args = parser.parse_args()
-    old_commit = args.old or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=TEMPLATE, check=True,
-                                            capture_output=True, text=True).stdout.strip()
+    # Default: the template just before bin/setup installed with uv.
+    first_uv = git("log", "--reverse", "--format=%H", "-S", "uv pip sync", "--", "bin/setup").split()[0]
+    old_commit = git("rev-parse", args.old or f"{first_uv}^").strip()
     tmp = Path(tempfile.mkdtemp(prefix="bench-setup-"))
     templates = {"old": template_at(old_commit, tmp / "old-template"), "new": TEMPLATE}
     warm_homes = {}
