@@ -314,8 +314,10 @@ def test_connections_the_database_ended_are_replaced_before_they_are_lent(dynos,
     sampler = stack.ConnectionSampler(postgres)
     ports = sampler._ports(dynos.processes_of("gunicorn"))
     assert ports, "web holds no pooled connection after the load"
+    # With a timeout, pg_terminate_backend returns once the backend has exited: the connections
+    # are ended, not about to be, when the load starts again.
     ended = postgres.sql(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
         f"WHERE client_port IN ({','.join(map(str, ports))})"
     )
     assert int(ended) == len(ports)
