@@ -131,6 +131,16 @@ def test_web_process_serves_the_hello_page(dynos):
     assert NAME.encode() in body
 
 
+def test_the_first_request_is_answered_before_the_fork_and_leaves_no_connection(dynos, postgres):
+    """gunicorn's main process answers GET / before forking (libs/prefork.py): the workers share
+    what it set up, and no database connection, which two processes must never share."""
+    stack.wait_for_200(dynos.url("/"))
+    assert "the first request (GET /: 200 OK) answered before forking" in dynos.log.read_text()
+    master = dynos.gunicorn_master()
+    held = [c for c in master.net_connections("tcp") if c.raddr and c.raddr.port == postgres.port]
+    assert not held, held
+
+
 def test_admin_login_works(dynos):
     """As through Heroku's router: HTTPS ends there, X-Forwarded-Proto says so, cookies are Secure."""
     https = {"X-Forwarded-Proto": "https"}
