@@ -125,6 +125,19 @@ def test_gunicorn_config_is_valid_and_follows_heroku(build, config):
     assert values["forwarded_allow_ips"] == "['*']"
 
 
+def test_a_bad_gunicorn_variable_stops_the_start_with_one_line(build, config):
+    # (WEB_CONCURRENCY gunicorn parses itself, before reading gunicorn.conf.py.)
+    env = {**config, "PORT": "x", "GUNICORN_WORKER_CONNECTIONS": "0"}
+    check = build.run("gunicorn --check-config", env)
+
+    assert check.returncode == 1
+    assert check.stdout + check.stderr == (
+        "GUNICORN_WORKER_CONNECTIONS must be a whole number >= 1:"
+        " e.g. GUNICORN_WORKER_CONNECTIONS=500\n"
+        "PORT is not a whole number: e.g. PORT=8000\n"
+    )
+
+
 def test_web_process_serves_the_hello_page(dynos):
     status, body = stack.get(dynos.url("/"))
     assert status == 200
