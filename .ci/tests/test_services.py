@@ -358,6 +358,9 @@ def test_web_starts_new_relic_s_agent_when_a_license_key_is_set(web):
     out = server.stop()
     assert "New Relic Python Agent (" in out, out
     assert "NEW_RELIC_LICENSE_KEY is not set" not in out, out
+    # Each worker registers its own agent: none was registered in gunicorn's main process by the
+    # request it answers before forking (the agent would warn that no data will be reported).
+    assert "in a process different" not in out, out
 
 
 @pytest.mark.parametrize(
