@@ -9,6 +9,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -222,20 +223,25 @@ class Archives(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_root(tmp_path):
-    """A local HTTP server for archives, on a free port below the temporary range."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(Archives, directory=str(root))
+def serve(handler):
+    """An HTTP server on loopback, on a free port below the temporary range."""
     for _ in range(50):
         try:
-            server = http.server.ThreadingHTTPServer(("127.0.0.1", random.randrange(20000, 32000)),
-                                                     handler)
+            server = http.server.ThreadingHTTPServer(
+                ("127.0.0.1", random.randrange(20000, 32000)), handler)
             break
         except OSError:
             continue
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A local HTTP server for archives: what a git host serves, from a folder."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = serve(functools.partial(Archives, directory=str(root)))
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
@@ -344,3 +350,33 @@ def test_bad_input_is_one_line_and_changes_nothing(world, project, tmp_path, cas
     assert "Traceback" not in result.stdout
     if before is not None:
         assert status(project) == before
+
+
+def test_ctrl_c_leaves_the_tree_as_it_was(world, project):
+    """Ctrl-C while the new version downloads: one line, nothing changed."""
+    requested, release = threading.Event(), threading.Event()
+
+    class Stalled(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.set()
+            release.wait(60)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = serve(Stalled)
+    url = f"http://127.0.0.1:{server.server_address[1]}/djeroku/archive/main.zip"
+    try:
+        proc = subprocess.Popen(["bin/update-template", url], cwd=project,
+                                env=owner_env(world["home"]), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert requested.wait(60), proc.communicate()[0]
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        release.set()
+        server.shutdown()
+    assert proc.returncode != 0 and out.splitlines() == [
+        "bin/update-template: interrupted before the merge: nothing changed"], out
+    assert status(project) == ""
