@@ -380,3 +380,16 @@ def test_ctrl_c_leaves_the_tree_as_it_was(world, project):
     assert proc.returncode != 0 and out.splitlines() == [
         "bin/update-template: interrupted before the merge: nothing changed"], out
     assert status(project) == ""
+
+
+def test_a_file_the_template_renamed_keeps_the_owners_edit(world, template, project):
+    git(template.path, "mv", "etc/nginx.conf", "etc/nginx-site.conf")
+    v2 = template.commit("v2: nginx.conf renamed")
+    with open(project / "etc" / "nginx.conf", "a") as nginx:
+        nginx.write("# the owner's nginx line\n")
+    git(project, "commit", "--quiet", "-am", "The owner's nginx line")
+
+    result = update(project, world["home"], template.archive(world["root"] / f"{v2}.zip"))
+    assert result.returncode == 0, result.stdout
+    assert not (project / "etc" / "nginx.conf").exists()
+    assert "the owner's nginx line" in (project / "etc" / "nginx-site.conf").read_text()
