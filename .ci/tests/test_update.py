@@ -219,6 +219,13 @@ def test_a_dirty_tree_is_refused(world, project):
 
 
 class Archives(http.server.SimpleHTTPRequestHandler):
+    """Files as a git host serves archives: named by Content-Disposition, the query ignored."""
+
+    def end_headers(self):
+        name = self.path.split("?")[0].rsplit("/", 1)[-1]
+        self.send_header("Content-Disposition", f"attachment; filename=djeroku-{name}")
+        super().end_headers()
+
     def log_message(self, *args):
         pass
 
@@ -260,11 +267,13 @@ def test_a_moving_url_updates_from_the_pinned_commit(world, template, project, h
     v2 = v2_with_changes(template)
     template.archive(archive / "main.zip", v2)
 
-    result = update(project, world["home"], main_url)
+    # A private archive's token (GitHub's ?token=...) is used, never recorded or printed.
+    result = update(project, world["home"], main_url + "?token=s3cret-token")
     assert result.returncode == 0, result.stdout
     assert (project / "etc" / "added-in-v2.txt").exists()
     assert record(project)["COMMIT"] == v2
     assert record(project)["SOURCE"] == main_url
+    assert "s3cret" not in result.stdout + (project / ".template.py").read_text()
 
     # Without the pinned archive, one line asks for --from; nothing changes.
     git(project, "reset", "--quiet", "--hard")
