@@ -17,7 +17,7 @@ EXPECTED = [
     ".gitignore", ".pre-commit-config.yaml", ".python-version", "Procfile", "Procfile.dev",
     "README.md", "app.json", "fabfile.py", "fabric.yaml", "bin/dev", "bin/setup", "bin/test", "conftest.py", "gunicorn.conf.py",
     "manage.py", "pyproject.toml", "requirements.txt", "reqs/common.in", "reqs/dev.in",
-    "reqs/prod.in", "reqs/dev.txt", "reqs/prod.txt", "bin/lock", "app_template/apps.py", "app_template/urls.py", "app_template/views.py",
+    "reqs/prod.in", "reqs/dev.txt", "reqs/prod.txt", "bin/lock", "bin/update-template", ".template.py", "app_template/apps.py", "app_template/urls.py", "app_template/views.py",
     "app_template/tests.py", "app_template/jinja2/app_name/index.html",
     f"{NAME}/__init__.py", f"{NAME}/asgi.py", f"{NAME}/wsgi.py", f"{NAME}/urls.py",
     f"{NAME}/settings/common.py", f"{NAME}/settings/dev.py", f"{NAME}/settings/prod.py",
