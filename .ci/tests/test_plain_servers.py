@@ -14,6 +14,8 @@ The only changes to what the README says, each needed to run here beside other t
    `disable --now nginx` (Debian's nginx service, not running here) do nothing.
 5. In the project's etc/, nginx listens on free ports of 127.0.0.1 instead of 80 and 443, and
    gunicorn's socket is a free port instead of 127.0.0.1:8000.
+6. The blocks run with root's stock PATH, HOME, LANG and UV_SYSTEM_CERTS=1 (uv trusts the OS's
+   certificates, as bin/setup makes it do), nothing else from the test's environment.
 Free ports are chosen at random below 32768.
 """
 
@@ -159,10 +161,10 @@ systemctl() {{
         return f"https://{self.name}:{self.ports['https']}"
 
     def processes(self):
-        """This site's processes: those whose working folder is in the temporary root."""
+        """This site's processes: supervisord and its programs work in the project's folder."""
         found = []
         for proc in psutil.process_iter(["pid", "cwd", "cmdline"]):
-            if (proc.info["cwd"] or "").startswith(str(self.root)):
+            if (proc.info["cwd"] or "").startswith(str(self.project)):
                 found.append(proc)
         return found
 
@@ -397,7 +399,8 @@ def test_deploy_rereads_env_and_restarts_with_no_502(site):
 
 def test_thousand_slow_clients_do_not_stop_the_site(site):
     """500 connections that never start TLS, 500 that send their headers a byte a second: all
-    open at once, on loopback, for a few seconds; the hello page still answers."""
+    open at once, on loopback, for a few seconds (less than nginx's 10 s for a request's headers):
+    the hello page still answers, and nginx still holds them."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
@@ -409,7 +412,7 @@ def test_thousand_slow_clients_do_not_stop_the_site(site):
             sock.sendall(f"GET / HTTP/1.1\r\nHost: {site.name}\r\n".encode())
             slow.append(sock)
         answers = []
-        for second in range(5):
+        for _ in range(3):
             for sock in slow:
                 with contextlib.suppress(OSError):
                     sock.send(b"X")
@@ -420,7 +423,7 @@ def test_thousand_slow_clients_do_not_stop_the_site(site):
     finally:
         for sock in idle + slow:
             sock.close()
-    assert answers == [200] * 5
+    assert answers == [200] * 3
 
 
 def _open(sock):
