@@ -372,7 +372,7 @@ def test_deploy_rereads_env_and_restarts_with_no_502(site):
             except OSError as error:
                 answers.append(repr(error))
 
-    threads = [threading.Thread(target=visitor) for _ in range(4)]
+    threads = [threading.Thread(target=visitor) for _ in range(2)]
     for thread in threads:
         thread.start()
     started = time.monotonic()
