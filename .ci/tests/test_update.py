@@ -127,8 +127,8 @@ def v2_with_changes(template):
     (template.path / "etc" / "added-in-v2.txt").write_text("added in v2\n")
     (template.path / "etc" / "conf.d" / "scheduler.conf").unlink()
     (template.path / "etc" / "nginx.conf").unlink()
-    with open(template.path / "etc" / "haproxy.cfg", "a") as haproxy:
-        haproxy.write("# v2 changed this file\n")
+    with open(template.path / "etc" / "conf.d" / "nginx-server.conf", "a") as program:
+        program.write("# v2 changed this file\n")
     with open(template.path / "bin" / "update-template", "a") as command:
         command.write("# v2 of this command\n")
     return template.commit("v2")
@@ -151,7 +151,7 @@ def test_an_update_brings_the_templates_changes_and_keeps_the_owners(world, temp
     # The owner's changes: a setting, a deleted file, a new app (as the README adds one).
     with open(project / COMMON, "a") as common:
         common.write("\nOWNER_SETTING = 42\n")
-    (project / "etc" / "haproxy.cfg").unlink()
+    (project / "etc" / "conf.d" / "nginx-server.conf").unlink()
     with open(project / "etc" / "nginx.conf", "a") as nginx:
         nginx.write("# the owner's nginx line\n")
     result = run(project, ".venv/bin/python manage.py addapp blog", home)
@@ -165,7 +165,7 @@ def test_an_update_brings_the_templates_changes_and_keeps_the_owners(world, temp
     assert result.returncode == 0, result.stdout
     for line in ("updated    " + COMMON, "added      etc/added-in-v2.txt",
                  "deleted    etc/conf.d/scheduler.conf", "kept       etc/nginx.conf",
-                 "kept out   etc/haproxy.cfg", "updated    bin/update-template", "bin/test"):
+                 "kept out   etc/conf.d/nginx-server.conf", "updated    bin/update-template", "bin/test"):
         assert line in result.stdout, result.stdout
 
     common = (project / COMMON).read_text()
@@ -173,7 +173,7 @@ def test_an_update_brings_the_templates_changes_and_keeps_the_owners(world, temp
     assert "apps.blog" in common and (project / NAME / "apps" / "blog" / "views.py").is_file()
     assert (project / "etc" / "added-in-v2.txt").read_text() == "added in v2\n"
     assert not (project / "etc" / "conf.d" / "scheduler.conf").exists()
-    assert not (project / "etc" / "haproxy.cfg").exists(), "the owner's deletion was undone"
+    assert not (project / "etc" / "conf.d" / "nginx-server.conf").exists(), "the owner's deletion was undone"
     assert "the owner's nginx line" in (project / "etc" / "nginx.conf").read_text()
     assert "# v2 of this command" in (project / "bin" / "update-template").read_text()
     assert key in (project / f"{NAME}/settings/dev.py").read_text()
