@@ -127,3 +127,24 @@ def test_new_project_works_on_other_python(tmp_path, python):
 
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert Path(root, ".venv/bin", python).exists()
+
+
+# Issue 21: what a new project's owner inherits, in lines (the figures are printed in CI's log).
+LIBS_LIMIT, PYTHON_LIMIT = 700, 2500
+
+
+def python_lines(folder):
+    """Lines of the *.py files under `folder`, outside tests/, migrations/ and .venv/."""
+    skip = {"tests", "migrations", ".venv"}
+    files = [p for p in folder.rglob("*.py") if not skip & set(p.relative_to(folder).parts)]
+    return sum(len(p.read_text().splitlines()) for p in files)
+
+
+def test_a_new_project_inherits_few_lines(tmp_path, capsys):
+    path = render(tmp_path)
+    libs, python = python_lines(path / NAME / "libs"), python_lines(path)
+    with capsys.disabled():
+        print(f"\nsize: {NAME}/libs/ {libs} lines (limit {LIBS_LIMIT}); "
+              f"Python outside tests {python} lines (limit {PYTHON_LIMIT})")
+
+    assert libs <= LIBS_LIMIT and python <= PYTHON_LIMIT
