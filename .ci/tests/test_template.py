@@ -1,8 +1,9 @@
 """startproject with this template gives a complete project that runs and passes its own tests."""
 
 import ast
-import secrets
 import os
+import secrets
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -94,6 +95,37 @@ def test_new_project_passes_its_own_tests(project):
 def test_new_project_is_clean_for_ruff(project):
     for args in (["check", "."], ["format", "--check", "."]):
         result = project.run(project.bin / "ruff", *args, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+MODEL = """from django.conf import settings
+from django.db import models
+
+
+class Product(models.Model):
+    name = models.CharField(max_length=200)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    price = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+
+    def __str__(self):
+        return self.name
+"""
+
+
+def test_generated_code_passes_ruff_as_generated(project, tmp_path):
+    """addapp's app and the first makemigrations, then ruff as the README and pre-commit run it
+    (pre-commit names each file): an owner's first commit of a model passes unchanged."""
+    copy = tmp_path / NAME  # the shared project stays as it is
+    shutil.copytree(project.path, copy, ignore=shutil.ignore_patterns(".venv", ".celery", "staticfiles"))
+    python = str(project.bin / "python")
+    subprocess.run([python, "manage.py", "addapp", "shop"], cwd=copy, env=project.env(), check=True)
+    (copy / NAME / "apps/shop/models.py").write_text(MODEL)
+    subprocess.run([python, "manage.py", "makemigrations", "shop"], cwd=copy, env=project.env(), check=True)
+    made = [p.relative_to(copy) for p in (copy / NAME / "apps/shop").rglob("*.py")]
+    assert Path(NAME, "apps/shop/migrations/0001_initial.py") in made
+
+    for args in (["check", "."], ["format", "--check", "."], ["check", *made], ["format", "--check", *made]):
+        result = subprocess.run([project.bin / "ruff", *args], cwd=copy, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
 
