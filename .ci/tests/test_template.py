@@ -11,7 +11,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import pytest
-from conftest import NAME, SEED_COMMAND, readme_command, render
+from conftest import NAME, SEED_COMMAND, TEMPLATE, readme_command, render
 
 # What every new project holds (a file the template adds later may be missing here, never the reverse).
 EXPECTED = [
@@ -23,7 +23,7 @@ EXPECTED = [
     f"{NAME}/__init__.py", f"{NAME}/asgi.py", f"{NAME}/wsgi.py", f"{NAME}/urls.py",
     f"{NAME}/settings/common.py", f"{NAME}/settings/dev.py", f"{NAME}/settings/prod.py",
     f"{NAME}/settings/test.py", f"{NAME}/libs/__init__.py", f"{NAME}/apps/__init__.py",
-    f"{NAME}/apps/core/apps.py", f"{NAME}/templates/base.html", f"{NAME}/templates/core/hello.html",
+    f"{NAME}/apps/core/apps.py", f"{NAME}/templates/base.html", f"{NAME}/public/favicon.ico", f"{NAME}/templates/core/hello.html",
 ]
 
 
@@ -55,6 +55,9 @@ def check_rendered(root):
     assert not [f for f in files if "project_name" in f or f.endswith("-tpl")], "a template name was left"
     assert not [f for f in files if f.startswith(".ci/")], "template-only files leaked into the project"
     for name, path in files.items():
+        if path.suffix == ".ico":  # an image, copied byte for byte
+            assert path.read_bytes() == (TEMPLATE / name.replace(NAME, "project_name", 1)).read_bytes()
+            continue
         text = path.read_text()
         if name.startswith("app_template/") and path.suffix == ".py":
             # startapp's own placeholders, and nothing else, survive (inside strings: still valid Python).
