@@ -50,6 +50,8 @@ def procfile_command(project, process, procfile="Procfile"):
     lines = (project.path / procfile).read_text().splitlines()
     command = next(line.split(":", 1)[1] for line in lines if line.startswith(f"{process}:"))
     args = shlex.split(command.replace("newrelic-admin run-program", ""))
+    if args[0] == "watchfiles":  # Procfile.dev's worker: the command watchfiles restarts
+        args = shlex.split(next(arg for arg in args if " " in arg))
     assert args[:2] == ["python", "manage.py"], command
     return [str(project.bin / "python"), *args[1:]]
 

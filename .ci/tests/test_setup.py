@@ -13,6 +13,8 @@ STEPS = ("bin/setup: making .venv with", "bin/setup: installing reqs/dev.txt (uv
          "bin/setup: applying migrations")
 # A Python older than the project supports, to pick on purpose (pyenv's, as this machine has).
 OLD_PYTHON = next(iter(sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.10.*/bin/python3.10")))), None)
+# Another supported Python, which an OS or pyenv upgrade could put behind .venv/bin/python.
+OTHER_PYTHON = next(iter(sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.12.*/bin/python3.12")))), None)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,47 @@ def test_lock_test_fails_on_an_edited_range_and_bin_lock_mends_it(stock, home):
             f.write_text(saved)
 
 
+def imports_django(root):
+    return subprocess.run([root / ".venv/bin/python", "-c", "import django"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("loss", ["a deleted folder", "an uninstall"])
+def test_a_venv_that_lost_a_package_is_repaired(stock, home, loss):
+    root, _, _ = stock
+    if loss == "an uninstall":
+        subprocess.run([root / ".venv/bin/uv", "pip", "uninstall", "--quiet", "--python", root / ".venv/bin/python",
+                        "django"], check=True, env=user_env(home))
+    else:
+        [django] = glob.glob(str(root / ".venv/lib/python3.*/site-packages/django"))
+        subprocess.run(["rm", "-r", django], check=True)
+    assert not imports_django(root)
+
+    result, lines = run(["bin/setup"], root, user_env(home))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines == ["bin/setup: .venv has lost packages of reqs/dev.txt or their files (django): installing them again",
+                     *STEPS[1:]]
+    assert imports_django(root)
+    assert run(["bin/setup"], root, user_env(home))[1] == [STEPS[2]]
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="no Python 3.12 from pyenv on this machine")
+def test_a_venv_whose_python_changed_is_made_again(stock, home):
+    root, _, _ = stock
+    made = python_version(str(root / ".venv/bin/python"))
+    (root / ".venv/bin/python").unlink()
+    (root / ".venv/bin/python").symlink_to(OTHER_PYTHON)  # as when the Python it pointed to is upgraded
+    now = python_version(OTHER_PYTHON)
+    assert not imports_django(root)
+
+    result, lines = run(["bin/setup"], root, user_env(home))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines[0] == f"bin/setup: .venv was made with Python {made} and its python is now Python {now}: making it again"
+    assert lines[-3:] == [f"bin/setup: making .venv with Python {made} (python3)", *STEPS[1:]]
+    assert imports_django(root) and python_version(str(root / ".venv/bin/python")) == made
+
+
 def test_preferred_python_from_pyenv_without_a_line_about_it(tmp_path, home):
     pyenv = Path.home() / ".pyenv"
     if not (pyenv / "bin/pyenv").exists():
@@ -160,3 +203,14 @@ def test_project_named_like_a_dependency_stops_with_one_line(tmp_path, home):
         assert lines[-1].startswith("bin/setup: the project's name 'celery' is also an installed package (")
         assert lines[-1].endswith("): start the project again with another name")
         assert "bin/setup: applying migrations" not in lines
+
+
+def test_keyword_project_name_stops_with_one_line(tmp_path, home):
+    root = render(tmp_path, source="zip", name="class")  # startproject takes it
+
+    result, lines = run(["bin/setup"], root, user_env(home))
+
+    assert result.returncode == 1 and result.stderr == "", result.stdout + result.stderr
+    assert lines[-1] == ("bin/setup: the project's name 'class' is a Python keyword, so Python cannot import it: "
+                         "run django-admin startproject again with another name")
+    assert not [line for line in lines if line.startswith(STEPS[1:])]

@@ -155,6 +155,18 @@ def test_pages_link_bundles_served_compressed_and_cached_forever(web, collected)
         assert headers["content-encoding"] == "gzip"
 
 
+def favicon_is_linked_and_served(base, project):
+    status, _, body = get(f"{base}/")
+    assert status == 200 and '<link rel="icon" href="/favicon.ico">' in body.decode()
+    status, headers, body = get(f"{base}/favicon.ico")
+    assert status == 200 and headers["content-type"] in ("image/x-icon", "image/vnd.microsoft.icon")
+    assert body == (project.path / NAME / "public/favicon.ico").read_bytes()
+
+
+def test_favicon_under_prod_settings(web, project):
+    favicon_is_linked_and_served(web, project)
+
+
 def render_hello(project, env):
     """The hello page as the web process renders it under `env` (no request needed)."""
     return project.run(
@@ -193,6 +205,7 @@ def test_debug_pages_link_each_source_file_and_runserver_serves_it(project):
             status, _, body = get(f"http://127.0.0.1:{port}{link}")
             source = project.path / NAME / link.removeprefix("/")
             assert status == 200 and body == source.read_bytes(), link
+        favicon_is_linked_and_served(f"http://127.0.0.1:{port}", project)
     finally:
         os.killpg(proc.pid, 15)
         out = proc.communicate(timeout=30)[0]

@@ -1,8 +1,9 @@
 """startproject with this template gives a complete project that runs and passes its own tests."""
 
 import ast
-import secrets
 import os
+import secrets
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import pytest
-from conftest import NAME, SEED_COMMAND, readme_command, render
+from conftest import NAME, SEED_COMMAND, TEMPLATE, readme_command, render
 
 # What every new project holds (a file the template adds later may be missing here, never the reverse).
 EXPECTED = [
@@ -22,7 +23,7 @@ EXPECTED = [
     f"{NAME}/__init__.py", f"{NAME}/asgi.py", f"{NAME}/wsgi.py", f"{NAME}/urls.py",
     f"{NAME}/settings/common.py", f"{NAME}/settings/dev.py", f"{NAME}/settings/prod.py",
     f"{NAME}/settings/test.py", f"{NAME}/libs/__init__.py", f"{NAME}/apps/__init__.py",
-    f"{NAME}/apps/core/apps.py", f"{NAME}/templates/base.html", f"{NAME}/templates/core/hello.html",
+    f"{NAME}/apps/core/apps.py", f"{NAME}/templates/base.html", f"{NAME}/public/favicon.ico", f"{NAME}/templates/core/hello.html",
 ]
 
 
@@ -54,6 +55,9 @@ def check_rendered(root):
     assert not [f for f in files if "project_name" in f or f.endswith("-tpl")], "a template name was left"
     assert not [f for f in files if f.startswith(".ci/")], "template-only files leaked into the project"
     for name, path in files.items():
+        if path.suffix == ".ico":  # an image, copied byte for byte
+            assert path.read_bytes() == (TEMPLATE / name.replace(NAME, "project_name", 1)).read_bytes()
+            continue
         text = path.read_text()
         if name.startswith("app_template/") and path.suffix == ".py":
             # startapp's own placeholders, and nothing else, survive (inside strings: still valid Python).
@@ -94,6 +98,37 @@ def test_new_project_passes_its_own_tests(project):
 def test_new_project_is_clean_for_ruff(project):
     for args in (["check", "."], ["format", "--check", "."]):
         result = project.run(project.bin / "ruff", *args, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+MODEL = """from django.conf import settings
+from django.db import models
+
+
+class Product(models.Model):
+    name = models.CharField(max_length=200)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    price = models.DecimalField(max_digits=10, decimal_places=2, default=0)
+
+    def __str__(self):
+        return self.name
+"""
+
+
+def test_generated_code_passes_ruff_as_generated(project, tmp_path):
+    """addapp's app and the first makemigrations, then ruff as the README and pre-commit run it
+    (pre-commit names each file): an owner's first commit of a model passes unchanged."""
+    copy = tmp_path / NAME  # the shared project stays as it is
+    shutil.copytree(project.path, copy, ignore=shutil.ignore_patterns(".venv", ".celery", "staticfiles"))
+    python = str(project.bin / "python")
+    subprocess.run([python, "manage.py", "addapp", "shop"], cwd=copy, env=project.env(), check=True)
+    (copy / NAME / "apps/shop/models.py").write_text(MODEL)
+    subprocess.run([python, "manage.py", "makemigrations", "shop"], cwd=copy, env=project.env(), check=True)
+    made = [p.relative_to(copy) for p in (copy / NAME / "apps/shop").rglob("*.py")]
+    assert Path(NAME, "apps/shop/migrations/0001_initial.py") in made
+
+    for args in (["check", "."], ["format", "--check", "."], ["check", *made], ["format", "--check", *made]):
+        result = subprocess.run([project.bin / "ruff", *args], cwd=copy, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
 
