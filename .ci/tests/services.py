@@ -69,8 +69,9 @@ def as_service_user(args):
 class Postgres:
     """A throwaway PostgreSQL cluster; .url is a DATABASE_URL for it."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, max_connections=200):
         self.port = port or free_port()
+        self.max_connections = max_connections
         self.dir = Path(tempfile.mkdtemp(prefix="ci-pg-"))
         self.data = self.dir / "data"
         self.url = f"postgres://ci:ci@127.0.0.1:{self.port}/ci"
@@ -89,7 +90,7 @@ class Postgres:
             self._pg("initdb", "-D", str(self.data), "-U", "ci", "--pwfile", str(pwfile), "-A", "scram-sha-256")
         self._pg(
             "pg_ctl", "-D", str(self.data), "-w", "-l", str(self.dir / "log"),
-            "-o", f"-p {self.port} -k {self.dir} -h 127.0.0.1 -c max_connections=200 -c fsync=off",
+            "-o", f"-p {self.port} -k {self.dir} -h 127.0.0.1 -c max_connections={self.max_connections} -c fsync=off",
             "start",
         )
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -479,6 +479,49 @@ def test_each_request_to_an_unreachable_database_logs_one_line_with_the_reason(p
     assert "s3cr3t-pw" not in out and "WARNING psycopg.pool" not in out
 
 
+def test_a_full_database_server_is_a_503_with_retry_after_then_heals(prod, web):
+    """The server has no connection left (another process holds them all): a request waits at
+    most DATABASE_POOL_TIMEOUT and gets a 503 with Retry-After, never a 500; once connections
+    are free again, pages answer with no restart."""
+    project, base = prod
+    server = services.Postgres(services.free_low_port(), max_connections=6).start()
+    holders = []
+    try:
+        url = server.url
+        project.manage("migrate", "--noinput", env={**base, "DATABASE_URL": url})
+        # Another client takes every connection the server allows.
+        while True:
+            probe = subprocess.run(
+                ["psql", url.replace("postgres://", "postgresql://"), "-Atc", "select 1"],
+                capture_output=True, text=True,
+            )
+            if "too many clients" in probe.stderr:
+                break
+            assert probe.returncode == 0, probe.stderr
+            holders.append(subprocess.Popen(  # an idle session, until its input closes
+                ["psql", url.replace("postgres://", "postgresql://")],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            time.sleep(0.2)
+        site = web(DATABASE_URL=url, DATABASE_POOL_TIMEOUT="2")
+
+        status, headers, page = site.get("/celery/")
+        assert status == 503 and headers["Retry-After"] == "5", (status, page)
+
+        for holder in holders:
+            holder.stdin.close()
+            holder.wait(10)
+        time.sleep(5)  # what Retry-After asked
+        status, _, page = site.get("/celery/")
+        out = site.stop()
+        assert status == 200, (page, out[-3000:])
+        assert '" 500 ' not in out and "Traceback" not in out, out[-3000:]
+    finally:
+        for holder in holders:
+            holder.kill()
+        server.close()
+
+
 def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
     if kind == "redis":
         return {"REDIS_URL": redis.url}
