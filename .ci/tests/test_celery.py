@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -329,6 +330,42 @@ def test_worker_outlives_redis_restart_mid_task(project, database, processes, tm
         assert done[after]["finished_at"] - done[after]["created_at"] < 10, "the new task waited 10 s or more"
         assert worker.text().count("Connected to redis://") >= 2
         assert worker.stop() == 0
+    finally:
+        redis.close()
+
+
+def test_a_task_asked_for_while_the_broker_is_down_runs_once_it_is_back(project, database, processes, tmp_path):
+    """The sample's pattern: the page saves the row and says the task will run once the queue is
+    back; beat's send_unsent sends it then, and a worker runs it. A bad number gets the form."""
+    redis = services.redis(services.free_low_port()).start()
+    try:
+        env = {"DATABASE_URL": database, "REDIS_URL": redis.url, "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "1"}
+        web, browser = start_web(project, env, processes, tmp_path)
+        form = browser.get("/celery/")[1]
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
+        body = urllib.parse.urlencode({"n": "abc", "seconds": "0", "csrfmiddlewaretoken": token}).encode()
+        try:
+            browser.opener.open(browser.base + "/celery/", body, timeout=10)
+            raise AssertionError("a bad number was accepted")
+        except urllib.error.HTTPError as error:
+            assert error.code == 400 and "Enter a whole number." in error.read().decode()
+
+        redis.stop()  # the broker is down when the user asks
+        url, page = browser.post("/celery/", {"n": "20", "seconds": "0"})
+        assert "your task is saved and will run once the queue is back" in " ".join(page.split())
+        assert field(page, "state") == "PENDING"
+        pk = int(re.search(r"/celery/(\d+)/$", url).group(1))
+
+        redis.start()
+        worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+        beat = processes(project, procfile_command(project, "scheduler"), env, tmp_path / "beat.log")
+        wait_for(
+            lambda: rows(project, env)[pk]["result"] == sum_squares(20), 90,
+            f"the task never ran:\n{beat.text()[-2000:]}\n{worker.text()[-2000:]}",
+        )
+        assert rows(project, env)[pk]["attempts"] == 1
+        assert "your task is saved" not in browser.get(urllib.parse.urlparse(url).path)[1]
+        assert "Traceback" not in web.text()
     finally:
         redis.close()
 
