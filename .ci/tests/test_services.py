@@ -522,6 +522,31 @@ def test_a_full_database_server_is_a_503_with_retry_after_then_heals(prod, web):
         server.close()
 
 
+def test_pages_answer_at_once_after_postgres_restarts(prod, web):
+    """Postgres goes away for 1 s, then for 20 s, while the site is idle but for one visitor
+    during the outage: once it is back, every request is answered, none waiting for the pool's
+    backoff (DATABASE_POOL_TIMEOUT=2 turns a wait of more than 2 s into a 503)."""
+    project, base = prod
+    server = services.Postgres(services.free_low_port()).start()
+    try:
+        project.manage("migrate", "--noinput", env={**base, "DATABASE_URL": server.url})
+        site = web(DATABASE_URL=server.url, DATABASE_POOL_TIMEOUT="2")
+        assert site.get("/celery/")[0] == 200
+        answers = {}
+        for outage in (1, 20):
+            server.stop()
+            during = site.get("/celery/")[0]
+            time.sleep(outage)
+            server.start()
+            answers[outage] = (during, [site.get("/celery/")[0] for _ in range(5)])
+        out = site.stop()
+        for outage, (during, after) in answers.items():
+            assert during in (500, 503), (outage, during)
+            assert after == [200] * 5, (outage, after, out[-3000:])
+    finally:
+        server.close()
+
+
 def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
     if kind == "redis":
         return {"REDIS_URL": redis.url}
