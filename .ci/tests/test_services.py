@@ -464,6 +464,30 @@ def test_the_release_phase_says_once_why_the_database_cannot_be_reached(prod, po
     assert reason in line and "s3cr3t-pw" not in out
 
 
+def test_a_bucket_without_credentials_stops_the_start_with_one_line(prod, tmp_path):
+    """AWS_STORAGE_BUCKET_NAME set, no keys and no IAM role: the release phase (and every other
+    process) stops with one line naming the variable, instead of pages that all fail."""
+    project, base = prod
+    env = {**base, "AWS_STORAGE_BUCKET_NAME": "ci-bucket", "HOME": str(tmp_path),
+           "AWS_EC2_METADATA_DISABLED": "true"}  # not on AWS: no instance role to ask for
+    for command in [("check",), ("migrate", "--noinput")]:
+        result = project.manage(*command, check=False, env=env)
+        out = result.stdout + result.stderr
+        assert result.returncode == 1, out
+        [line] = out.strip().splitlines()
+        assert line.startswith("AWS_ACCESS_KEY_ID is not set while AWS_STORAGE_BUCKET_NAME is"), out
+
+
+def test_health_says_when_the_bucket_cannot_be_used(prod, web):
+    closed = f"http://127.0.0.1:{services.free_low_port()}"
+    site = web(AWS_STORAGE_BUCKET_NAME="ci-bucket", AWS_ACCESS_KEY_ID="AKIACI",
+               AWS_SECRET_ACCESS_KEY="not-a-key", AWS_S3_ENDPOINT_URL=closed)
+    status, body = site.health()
+    out = site.stop()
+    assert status == 503 and body["storage"] == "down" and body["database"] == "ok", (body, out[-2000:])
+    assert "health check storage failed" in out and "not-a-key" not in out
+
+
 def test_each_request_to_an_unreachable_database_logs_one_line_with_the_reason(prod, web):
     site = web(DATABASE_URL=prod[1]["DATABASE_URL"].replace("ci:ci@", "ci:s3cr3t-pw@"))
 
