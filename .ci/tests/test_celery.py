@@ -268,6 +268,46 @@ def test_beat_fires_periodic_tasks_from_the_database(project, database, redis, p
     assert beat.stop() == 0
 
 
+def test_beat_killed_and_restarted_without_the_database_sends_once_per_period(project, processes, tmp_path):
+    """kill -9 of beat right after it sent a periodic task, then a start while the database is
+    down: beat waits for it with one line, starts once it is back, and the task's period holds
+    (no second run at the restart), then the next period's run comes."""
+    server = services.Postgres(services.free_low_port()).start()
+    redis = services.redis(services.free_low_port()).start()
+    try:
+        env = {"DATABASE_URL": server.url, "REDIS_URL": redis.url, "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "1"}
+        project.manage("migrate", "--noinput", env=env)
+        [pk] = orm(project, env, (
+            "from django_celery_beat.models import IntervalSchedule, PeriodicTask\n"
+            "pk = Computation.objects.create(n=13).pk\n"
+            "every, _ = IntervalSchedule.objects.get_or_create(every=45, period='seconds')\n"
+            f"PeriodicTask.objects.create(name='ci-every-45s', interval=every, task='{SAMPLE_TASK}', args=json.dumps([pk, 0]))\n"
+            "print(json.dumps([pk]))"
+        ))
+        processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+        beat = processes(project, procfile_command(project, "scheduler"), env, tmp_path / "beat1.log")
+
+        def runs():
+            return rows(project, env)[pk]["attempts"]
+
+        wait_for(lambda: runs() == 1, 60, f"beat did not send the task:\n{beat.text()[-2000:]}", interval=0.1)
+        beat.kill()
+        server.stop()
+        beat = processes(project, procfile_command(project, "scheduler"), env, tmp_path / "beat2.log")
+        wait_for(lambda: "waits for the database" in beat.text(), 60, f"beat said nothing:\n{beat.text()[-2000:]}")
+        server.start()
+        wait_for(lambda: "Sending due task celery-sample-send-unsent" in beat.text(), 60, f"beat did not start:\n{beat.text()[-2000:]}")
+
+        assert runs() == 1, "beat sent the task again at its restart"
+        wait_for(lambda: runs() == 2, 90, f"the next period's run never came:\n{beat.text()[-2000:]}")
+        text = beat.text()
+        assert text.count("waits for the database") == 1 and "Traceback" not in text, text[-3000:]
+        assert beat.proc.poll() is None
+    finally:
+        redis.close()
+        server.close()
+
+
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_worker_killed_mid_run_loses_no_task(project, database, broker, request, processes, tmp_path):
     server = request.getfixturevalue(broker)
