@@ -136,6 +136,10 @@ def test_a_bad_gunicorn_variable_stops_the_start_with_one_line(build, config):
         " e.g. GUNICORN_WORKER_CONNECTIONS=500\n"
         "PORT is not a whole number: e.g. PORT=8000\n"
     )
+    # A port out of range, as a typo gives it.
+    check = build.run("gunicorn --check-config", {**config, "PORT": "70000"})
+    assert check.returncode == 1
+    assert check.stdout + check.stderr == "PORT must be a whole number from 1 to 65535: e.g. PORT=8000\n"
 
 
 def test_web_process_serves_the_hello_page(dynos):
