@@ -3,6 +3,7 @@ port and stops when its context ends. Debian's packages, installed by .ci/run.""
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,18 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_low_port():
+    """A free port below Linux's temporary range (32768-60999), picked at random: for servers a
+    fault test stops and starts again on the same port, which a loaded machine could otherwise
+    hand to one of its own outgoing connections while the server is down."""
+    for _ in range(200):
+        port = random.randrange(10000, 32768)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no free port between 10000 and 32767")
 
 
 def wait_for_port(port, timeout=30, host="127.0.0.1"):
@@ -56,8 +69,9 @@ def as_service_user(args):
 class Postgres:
     """A throwaway PostgreSQL cluster; .url is a DATABASE_URL for it."""
 
-    def __init__(self, port=None):
+    def __init__(self, port=None, max_connections=200):
         self.port = port or free_port()
+        self.max_connections = max_connections
         self.dir = Path(tempfile.mkdtemp(prefix="ci-pg-"))
         self.data = self.dir / "data"
         self.url = f"postgres://ci:ci@127.0.0.1:{self.port}/ci"
@@ -76,7 +90,7 @@ class Postgres:
             self._pg("initdb", "-D", str(self.data), "-U", "ci", "--pwfile", str(pwfile), "-A", "scram-sha-256")
         self._pg(
             "pg_ctl", "-D", str(self.data), "-w", "-l", str(self.dir / "log"),
-            "-o", f"-p {self.port} -k {self.dir} -h 127.0.0.1 -c max_connections=200 -c fsync=off",
+            "-o", f"-p {self.port} -k {self.dir} -h 127.0.0.1 -c max_connections={self.max_connections} -c fsync=off",
             "start",
         )
         with contextlib.suppress(subprocess.CalledProcessError):

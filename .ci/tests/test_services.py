@@ -464,6 +464,30 @@ def test_the_release_phase_says_once_why_the_database_cannot_be_reached(prod, po
     assert reason in line and "s3cr3t-pw" not in out
 
 
+def test_a_bucket_without_credentials_stops_the_start_with_one_line(prod, tmp_path):
+    """AWS_STORAGE_BUCKET_NAME set, no keys and no IAM role: the release phase (and every other
+    process) stops with one line naming the variable, instead of pages that all fail."""
+    project, base = prod
+    env = {**base, "AWS_STORAGE_BUCKET_NAME": "ci-bucket", "HOME": str(tmp_path),
+           "AWS_EC2_METADATA_DISABLED": "true"}  # not on AWS: no instance role to ask for
+    for command in [("check",), ("migrate", "--noinput")]:
+        result = project.manage(*command, check=False, env=env)
+        out = result.stdout + result.stderr
+        assert result.returncode == 1, out
+        [line] = out.strip().splitlines()
+        assert line.startswith("AWS_ACCESS_KEY_ID is not set while AWS_STORAGE_BUCKET_NAME is"), out
+
+
+def test_health_says_when_the_bucket_cannot_be_used(prod, web):
+    closed = f"http://127.0.0.1:{services.free_low_port()}"
+    site = web(AWS_STORAGE_BUCKET_NAME="ci-bucket", AWS_ACCESS_KEY_ID="AKIACI",
+               AWS_SECRET_ACCESS_KEY="not-a-key", AWS_S3_ENDPOINT_URL=closed)
+    status, body = site.health()
+    out = site.stop()
+    assert status == 503 and body["storage"] == "down" and body["database"] == "ok", (body, out[-2000:])
+    assert "health check storage failed" in out and "not-a-key" not in out
+
+
 def test_each_request_to_an_unreachable_database_logs_one_line_with_the_reason(prod, web):
     site = web(DATABASE_URL=prod[1]["DATABASE_URL"].replace("ci:ci@", "ci:s3cr3t-pw@"))
 
@@ -477,6 +501,74 @@ def test_each_request_to_an_unreachable_database_logs_one_line_with_the_reason(p
         assert line.startswith("ERROR django.request ") and "DatabaseUnreachable: cannot connect" in line
         assert 'password authentication failed for user \\"ci\\"' in line or "password authentication failed" in line
     assert "s3cr3t-pw" not in out and "WARNING psycopg.pool" not in out
+
+
+def test_a_full_database_server_is_a_503_with_retry_after_then_heals(prod, web):
+    """The server has no connection left (another process holds them all): a request waits at
+    most DATABASE_POOL_TIMEOUT and gets a 503 with Retry-After, never a 500; once connections
+    are free again, pages answer with no restart."""
+    project, base = prod
+    server = services.Postgres(services.free_low_port(), max_connections=6).start()
+    holders = []
+    try:
+        url = server.url
+        project.manage("migrate", "--noinput", env={**base, "DATABASE_URL": url})
+        # Another client takes every connection the server allows.
+        while True:
+            probe = subprocess.run(
+                ["psql", url.replace("postgres://", "postgresql://"), "-Atc", "select 1"],
+                capture_output=True, text=True,
+            )
+            if "too many clients" in probe.stderr:
+                break
+            assert probe.returncode == 0, probe.stderr
+            holders.append(subprocess.Popen(  # an idle session, until its input closes
+                ["psql", url.replace("postgres://", "postgresql://")],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            time.sleep(0.2)
+        site = web(DATABASE_URL=url, DATABASE_POOL_TIMEOUT="2")
+
+        status, headers, page = site.get("/celery/")
+        assert status == 503 and headers["Retry-After"] == "5", (status, page)
+
+        for holder in holders:
+            holder.stdin.close()
+            holder.wait(10)
+        time.sleep(5)  # what Retry-After asked
+        status, _, page = site.get("/celery/")
+        out = site.stop()
+        assert status == 200, (page, out[-3000:])
+        assert '" 500 ' not in out and "Traceback" not in out, out[-3000:]
+    finally:
+        for holder in holders:
+            holder.kill()
+        server.close()
+
+
+def test_pages_answer_at_once_after_postgres_restarts(prod, web):
+    """Postgres goes away for 1 s, then for 20 s, while the site is idle but for one visitor
+    during the outage: once it is back, every request is answered, none waiting for the pool's
+    backoff (DATABASE_POOL_TIMEOUT=2 turns a wait of more than 2 s into a 503)."""
+    project, base = prod
+    server = services.Postgres(services.free_low_port()).start()
+    try:
+        project.manage("migrate", "--noinput", env={**base, "DATABASE_URL": server.url})
+        site = web(DATABASE_URL=server.url, DATABASE_POOL_TIMEOUT="2")
+        assert site.get("/celery/")[0] == 200
+        answers = {}
+        for outage in (1, 20):
+            server.stop()
+            during = site.get("/celery/")[0]
+            time.sleep(outage)
+            server.start()
+            answers[outage] = (during, [site.get("/celery/")[0] for _ in range(5)])
+        out = site.stop()
+        for outage, (during, after) in answers.items():
+            assert during in (500, 503), (outage, during)
+            assert after == [200] * 5, (outage, after, out[-3000:])
+    finally:
+        server.close()
 
 
 def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
