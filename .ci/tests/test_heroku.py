@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pexpect
 import pytest
@@ -53,7 +54,8 @@ APP = {app!r}
 
 def call(method, path, body):
     request = urllib.request.Request(API + path, json.dumps(body).encode(), method=method, headers={{
-        "Content-Type": "application/json", "Accept": "application/vnd.heroku+json; version=3"}})
+        "Content-Type": "application/json", "Accept": "application/vnd.heroku+json; version=3",
+        "Authorization": "Bearer " + {api_key!r}}})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
@@ -123,13 +125,15 @@ class Site:
             bare = self.git_dir / f"{app}.git"
             subprocess.run(["git", "init", "--quiet", "--bare", bare], check=True)
             hook = bare / "hooks" / "post-receive"
-            hook.write_text(HOOK.format(python=sys.executable, api=standin.url, app=app))
+            hook.write_text(HOOK.format(
+                python=sys.executable, api=standin.url, app=app, api_key=heroku_standin.API_KEY
+            ))
             hook.chmod(0o755)
         self.env = {
             "PATH": f"{cli.parent}:{project.bin}:{os.environ['PATH']}",
             "HOME": str(self.home),
             "LANG": "C.UTF-8",
-            "HEROKU_API_KEY": "test-api-key",
+            "HEROKU_API_KEY": heroku_standin.API_KEY,
             "HEROKU_HOST": standin.url,
             "HEROKU_PARTICLEBOARD_URL": standin.url,
             "HEROKU_DATA_HOST": "127.0.0.1",
@@ -397,6 +401,50 @@ def test_setup_rerun_push_promote_rollback_teardown(site):
 
     assert again.returncode == 0, again.output
     assert "Nothing to remove. Not there: shop-staging (no such app); shop (no such app); pipeline shop" in again.stdout
+
+
+def process_arguments():
+    """Every process's command line on this machine, as anyone on it can read them."""
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_no_secret_in_any_process_arguments(site):
+    aws_secret = "marker-aws-secret-0b9f4c"
+    seen, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            seen.append(process_arguments())
+
+    site.standin.hold("config-var Update")  # each app's config waits: look at the machine then
+    child = site.terminal("heroku_setup", f"--name={NAME}", "--region=eu")
+    child.expect(r"AWS access key id for S3 \(empty for none\): ")
+    child.sendline("AKIAMARKER")
+    child.expect("AWS secret access key: ")
+    child.sendline(aws_secret)  # asked: an option would itself show in `ps`
+    child.expect("S3 bucket name: ")
+    child.sendline("shop-media")
+    child.expect(r"Create what is missing\? \[y/N\]: ")
+    child.sendline("y")
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    held = []
+    for _app in APPS.values():
+        gate = site.standin.waiting.get(timeout=300)
+        held.append(process_arguments())
+        gate.set()
+    out = finish(child)
+    done.set()
+    sampler.join()
+
+    assert child.exitstatus == 0, out
+    assert all("heroku_setup" in ps for ps in held)  # fab was running while its config went
+    values = [*secret_keys(site).values(), aws_secret]
+    for app in APPS.values():
+        assert site.platform.app(app)["_config"]["AWS_SECRET_ACCESS_KEY"] == aws_secret
+    for ps in held + seen:
+        assert not [v for v in values if v in ps], "a secret is on a command line"
+    assert not [v for v in values if v in out]
 
 
 def test_failure_mid_way_stops_and_a_rerun_finishes(site):
