@@ -447,6 +447,79 @@ def test_no_secret_in_any_process_arguments(site):
     assert not [v for v in values if v in out]
 
 
+@pytest.mark.parametrize("link", ["account Info", "add-on Create"])
+def test_ctrl_c_stops_at_once_and_says_how_to_go_on(site, link):
+    site.standin.hold(link)  # the CLI waits for Heroku there: auth:whoami, the first add-on
+    child = site.terminal("heroku_setup", f"--name={NAME}", "--region=eu", "--yes")
+    gate = site.standin.waiting.get(timeout=300)
+    child.sendintr()  # Ctrl-C: the terminal sends SIGINT to fab's process group
+    out = finish(child)
+    gate.set()
+
+    assert child.exitstatus == 130, out
+    said = [ln for ln in out.replace("^C", "").splitlines() if ln.strip()]
+    assert said[-1] == (
+        "Stopped (Ctrl-C). To go on, run `fab heroku_setup --name=shop --region=eu` "
+        "(it skips what is done)."
+    ), out
+    if link == "add-on Create":
+        assert said[-2].endswith("] Adding heroku-postgresql:essential-0 to shop-staging … "), out
+    else:
+        assert site.platform.apps == {}
+    site.standin.hold(None)
+    resumed = setup(site)
+
+    assert resumed.returncode == 0, resumed.output
+    assert_complete(site)
+
+
+def test_teardown_keeps_a_pipeline_that_holds_another_app(site):
+    assert setup(site).returncode == 0
+    for added_by_hand in (
+        ["apps:create", "shop-review", "--region", "eu"],
+        ["pipelines:add", NAME, "--app", "shop-review", "--stage", "development"],
+    ):
+        assert site.run("heroku", *added_by_hand).returncode == 0
+
+    removed = site.fab("heroku_teardown", f"--name={NAME}", "--yes")
+
+    assert removed.returncode == 0, removed.output
+    assert "Not there: pipeline shop (it holds shop-review: kept)" in removed.stdout
+    assert sorted(site.platform.apps) == ["shop-review"]
+    (pipeline,) = site.platform.pipelines.values()
+    (coupling,) = site.platform.couplings.values()
+    assert pipeline["name"] == NAME and coupling["stage"] == "development"
+
+
+@pytest.mark.parametrize(
+    "given, says",
+    [
+        (["--aws-access-key-id=AKIAEXAMPLE", "--aws-storage-bucket-name=shop-media"],
+         "--aws-secret-access-key missing"),
+        (["--aws-secret-access-key=marker-secret"],
+         "--aws-access-key-id and --aws-storage-bucket-name missing"),
+    ],
+)
+def test_half_given_aws_options_are_refused(site, given, says):
+    result = setup(site, *given)
+
+    assert result.returncode == 1, result.output
+    assert says in result.output and "Traceback" not in result.output
+    assert site.standin.requests == []
+
+
+@pytest.mark.parametrize(
+    "task", [["rollback"], ["backup"], ["logs"], ["promote", "--yes"], ["manage", "--command=check"]]
+)
+def test_a_missing_remote_is_named_with_the_option_to_pass(site, task):
+    result = site.fab(*task)
+
+    assert result.returncode == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "no git remote staging" in line and "pass --app=APP" in line
+    assert site.standin.requests == []
+
+
 def test_failure_mid_way_stops_and_a_rerun_finishes(site):
     site.platform.fail_addons.add("memcachier")
 
