@@ -7,7 +7,12 @@ and it REJECTS any request whose route or body does not match Heroku's published
 (../shared/heroku/platform-api-schema.json beside the checkout): an unknown route gets 404, a body
 that fails the link's schema (or carries a property the schema does not name) gets 422, and both
 are kept in `rejected` for the tests to assert on. Path parameters are checked against the schema's
-identity definitions too.
+identity definitions too. As on Heroku, a Platform API request without the account's token
+(`Authorization: Bearer API_KEY`) gets 401, and is kept in `rejected` too.
+
+A test can hold the requests of one link (`hold("config-var Update")`): each waits, its gate in
+`waiting`, until the test sets that gate, so the test can look at the machine (`ps`) or press
+Ctrl-C while the client waits for Heroku.
 
 Also served, outside that schema: the few Heroku Data routes that `pg:backups:*` calls (the CLI
 sends them to HEROKU_DATA_HOST, here the same server), and a refusing HTTPS proxy: the CLI reaches
@@ -18,6 +23,7 @@ CONNECT with 403 and records the host, and nothing leaves the machine.
 import hashlib
 import itertools
 import json
+import queue
 import re
 import socket
 import ssl
@@ -91,6 +97,7 @@ APP_FEATURES = ["runtime-dyno-metadata", "runtime-dyno-build-metadata", "preboot
 REGIONS = {"us": "United States", "eu": "Europe"}
 EMAIL = "developer@example.com"
 ACCOUNT_ID = str(uuid.UUID(int=1))
+API_KEY = "test-api-key"  # the account's token: HEROKU_API_KEY for the CLI
 
 
 def now():
@@ -351,6 +358,24 @@ class Platform:
 
     def account_feature_info(self, feature, **_):
         raise not_found("feature")
+
+    def oauth_authorization_list(self, **_):
+        """The account's one authorization: its API key, which does not expire (`auth:token`)."""
+        return 200, [
+            {
+                "id": str(uuid.UUID(int=2)),
+                "access_token": {"id": str(uuid.UUID(int=3)), "token": API_KEY, "expires_in": None},
+                "client": None,
+                "created_at": "2020-01-01T00:00:00Z",
+                "description": "Long-lived API key",
+                "grant": None,
+                "refresh_token": None,
+                "scope": ["global"],
+                "session": None,
+                "updated_at": "2020-01-01T00:00:00Z",
+                "user": {"id": ACCOUNT_ID, "email": EMAIL, "full_name": "Developer"},
+            }
+        ]
 
     def create_app(self, body, team=None):
         name = body.get("name") or f"app-{next(self.numbers)}"
@@ -932,6 +957,12 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 name, title, params = server.schema.match(method, url.path, body)
                 record["link"] = f"{name} {title}"
+                if self.headers.get("Authorization") != f"Bearer {API_KEY}":
+                    raise Rejected(401, "unauthorized", "Invalid credentials provided.")
+                if record["link"] == server.held:
+                    gate = threading.Event()
+                    server.waiting.put(gate)
+                    gate.wait(120)
                 status, out = server.platform.handle(
                     name, title, params, body, urllib.parse.parse_qs(url.query), self.headers
                 )
@@ -950,7 +981,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class StandIn(ThreadingHTTPServer):
-    """The server: `url`, `platform` (the state), `requests`, `rejected`, `connects`."""
+    """The server: `url`, `platform` (the state), `requests`, `rejected`, `connects`, `hold`."""
 
     daemon_threads = True
 
@@ -959,7 +990,12 @@ class StandIn(ThreadingHTTPServer):
         self.schema = Schema(schema_path)
         self.platform = Platform(self.server_address[1])
         self.requests, self.rejected, self.connects = [], [], []
+        self.held, self.waiting = None, queue.Queue()
         self.thread = None
+
+    def hold(self, link):
+        """Hold each request to `link` until the test sets its gate (`waiting.get()`)."""
+        self.held = link
 
     @property
     def url(self):
@@ -976,6 +1012,9 @@ class StandIn(ThreadingHTTPServer):
         return self.platform.rendezvous.cert
 
     def close(self):
+        self.held = None
+        while not self.waiting.empty():
+            self.waiting.get().set()
         if self.platform.rendezvous:
             self.platform.rendezvous.close()
         self.shutdown()

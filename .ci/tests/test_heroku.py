@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pexpect
 import pytest
@@ -53,7 +54,8 @@ APP = {app!r}
 
 def call(method, path, body):
     request = urllib.request.Request(API + path, json.dumps(body).encode(), method=method, headers={{
-        "Content-Type": "application/json", "Accept": "application/vnd.heroku+json; version=3"}})
+        "Content-Type": "application/json", "Accept": "application/vnd.heroku+json; version=3",
+        "Authorization": "Bearer " + {api_key!r}}})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
@@ -123,13 +125,15 @@ class Site:
             bare = self.git_dir / f"{app}.git"
             subprocess.run(["git", "init", "--quiet", "--bare", bare], check=True)
             hook = bare / "hooks" / "post-receive"
-            hook.write_text(HOOK.format(python=sys.executable, api=standin.url, app=app))
+            hook.write_text(HOOK.format(
+                python=sys.executable, api=standin.url, app=app, api_key=heroku_standin.API_KEY
+            ))
             hook.chmod(0o755)
         self.env = {
             "PATH": f"{cli.parent}:{project.bin}:{os.environ['PATH']}",
             "HOME": str(self.home),
             "LANG": "C.UTF-8",
-            "HEROKU_API_KEY": "test-api-key",
+            "HEROKU_API_KEY": heroku_standin.API_KEY,
             "HEROKU_HOST": standin.url,
             "HEROKU_PARTICLEBOARD_URL": standin.url,
             "HEROKU_DATA_HOST": "127.0.0.1",
@@ -397,6 +401,123 @@ def test_setup_rerun_push_promote_rollback_teardown(site):
 
     assert again.returncode == 0, again.output
     assert "Nothing to remove. Not there: shop-staging (no such app); shop (no such app); pipeline shop" in again.stdout
+
+
+def process_arguments():
+    """Every process's command line on this machine, as anyone on it can read them."""
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_no_secret_in_any_process_arguments(site):
+    aws_secret = "marker-aws-secret-0b9f4c"
+    seen, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            seen.append(process_arguments())
+
+    site.standin.hold("config-var Update")  # each app's config waits: look at the machine then
+    child = site.terminal("heroku_setup", f"--name={NAME}", "--region=eu")
+    child.expect(r"AWS access key id for S3 \(empty for none\): ")
+    child.sendline("AKIAMARKER")
+    child.expect("AWS secret access key: ")
+    child.sendline(aws_secret)  # asked: an option would itself show in `ps`
+    child.expect("S3 bucket name: ")
+    child.sendline("shop-media")
+    child.expect(r"Create what is missing\? \[y/N\]: ")
+    child.sendline("y")
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    held = []
+    for _app in APPS.values():
+        gate = site.standin.waiting.get(timeout=300)
+        held.append(process_arguments())
+        gate.set()
+    out = finish(child)
+    done.set()
+    sampler.join()
+
+    assert child.exitstatus == 0, out
+    assert all("heroku_setup" in ps for ps in held)  # fab was running while its config went
+    values = [*secret_keys(site).values(), aws_secret]
+    for app in APPS.values():
+        assert site.platform.app(app)["_config"]["AWS_SECRET_ACCESS_KEY"] == aws_secret
+    for ps in held + seen:
+        assert not [v for v in values if v in ps], "a secret is on a command line"
+    assert not [v for v in values if v in out]
+
+
+@pytest.mark.parametrize("link", ["account Info", "add-on Create"])
+def test_ctrl_c_stops_at_once_and_says_how_to_go_on(site, link):
+    site.standin.hold(link)  # the CLI waits for Heroku there: auth:whoami, the first add-on
+    child = site.terminal("heroku_setup", f"--name={NAME}", "--region=eu", "--yes")
+    gate = site.standin.waiting.get(timeout=300)
+    child.sendintr()  # Ctrl-C: the terminal sends SIGINT to fab's process group
+    out = finish(child)
+    gate.set()
+
+    assert child.exitstatus == 130, out
+    said = [ln for ln in out.replace("^C", "").splitlines() if ln.strip()]
+    assert said[-1] == (
+        "Stopped (Ctrl-C). To go on, run `fab heroku_setup --name=shop --region=eu` "
+        "(it skips what is done)."
+    ), out
+    if link == "add-on Create":
+        assert said[-2].endswith("] Adding heroku-postgresql:essential-0 to shop-staging … "), out
+    else:
+        assert site.platform.apps == {}
+    site.standin.hold(None)
+    resumed = setup(site)
+
+    assert resumed.returncode == 0, resumed.output
+    assert_complete(site)
+
+
+def test_teardown_keeps_a_pipeline_that_holds_another_app(site):
+    assert setup(site).returncode == 0
+    for added_by_hand in (
+        ["apps:create", "shop-review", "--region", "eu"],
+        ["pipelines:add", NAME, "--app", "shop-review", "--stage", "development"],
+    ):
+        assert site.run("heroku", *added_by_hand).returncode == 0
+
+    removed = site.fab("heroku_teardown", f"--name={NAME}", "--yes")
+
+    assert removed.returncode == 0, removed.output
+    assert "Not there: pipeline shop (it holds shop-review: kept)" in removed.stdout
+    assert sorted(site.platform.apps) == ["shop-review"]
+    (pipeline,) = site.platform.pipelines.values()
+    (coupling,) = site.platform.couplings.values()
+    assert pipeline["name"] == NAME and coupling["stage"] == "development"
+
+
+@pytest.mark.parametrize(
+    "given, says",
+    [
+        (["--aws-access-key-id=AKIAEXAMPLE", "--aws-storage-bucket-name=shop-media"],
+         "--aws-secret-access-key missing"),
+        (["--aws-secret-access-key=marker-secret"],
+         "--aws-access-key-id and --aws-storage-bucket-name missing"),
+    ],
+)
+def test_half_given_aws_options_are_refused(site, given, says):
+    result = setup(site, *given)
+
+    assert result.returncode == 1, result.output
+    assert says in result.output and "Traceback" not in result.output
+    assert site.standin.requests == []
+
+
+@pytest.mark.parametrize(
+    "task", [["rollback"], ["backup"], ["logs"], ["promote", "--yes"], ["manage", "--command=check"]]
+)
+def test_a_missing_remote_is_named_with_the_option_to_pass(site, task):
+    result = site.fab(*task)
+
+    assert result.returncode == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "no git remote staging" in line and "pass --app=APP" in line
+    assert site.standin.requests == []
 
 
 def test_failure_mid_way_stops_and_a_rerun_finishes(site):
