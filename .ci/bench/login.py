@@ -111,12 +111,6 @@ def loaded(web, seconds, spread):
     return result, statuses
 
 
-def release(build, config):
-    for step in ("python manage.py collectstatic --noinput", build.processes["release"]):
-        done = build.run(step, config)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10, help="each wrk run")
@@ -133,7 +127,7 @@ def main():
         (tmp / "project").mkdir()
         build = stack.Build(tmp / "project", parity_app=False)
         config = stack.config_vars(pg, redis, WEB_CONCURRENCY="2")
-        release(build, config)
+        stack.release(build, config)
         builds = [("web", build, config)]
         if args.before:
             (tmp / "before").mkdir()
@@ -141,7 +135,7 @@ def main():
             before = stack.Build(tmp / "before", template=template, parity_app=False)
             pg.sql("CREATE DATABASE before")
             before_config = {**config, "DATABASE_URL": pg.url.rsplit("/", 1)[0] + "/before"}
-            release(before, before_config)
+            stack.release(before, before_config)
             builds.append(("before", before, before_config))
         webs = [Web(name, b, c) for name, b, c in builds]
 

@@ -131,12 +131,6 @@ class CeleryTarget:
             services.stop_group(self.proc, timeout=30)
 
 
-def release(build, config):
-    for step in ("python manage.py collectstatic --noinput", build.processes["release"]):
-        done = build.run(step, config)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5, help="each wrk run")
@@ -158,7 +152,7 @@ def main():
         (tmp / "project").mkdir()
         build = stack.Build(tmp / "project")
         config = stack.config_vars(pg, redis, WEB_CONCURRENCY=str(WORKERS))
-        release(build, config)
+        stack.release(build, config)
         builds = {"web": (build, config)}
         if args.before:
             (tmp / "before").mkdir()
@@ -166,7 +160,7 @@ def main():
             before = stack.Build(tmp / "before", template=template)
             pg.sql("CREATE DATABASE before")
             before_config = {**config, "DATABASE_URL": pg.url.rsplit("/", 1)[0] + "/before"}
-            release(before, before_config)
+            stack.release(before, before_config)
             builds["before"] = (before, before_config)
 
         # The ceiling and Django's plain startproject, on the project's own gunicorn and Django.
