@@ -147,6 +147,15 @@ def test_web_process_serves_the_hello_page(dynos):
     assert NAME.encode() in body
 
 
+def test_access_log_lines_carry_the_request_id_as_heroku_sends_it(dynos):
+    request_id = f"access-{time.time_ns()}"
+    for path in ("/", "/no-such-page/"):
+        stack.get(dynos.url(path), headers={"X-Request-ID": request_id})
+    lines = [line for line in dynos.log.read_text().splitlines() if request_id in line]
+    assert any(f'request_id={request_id} ' in line and '"GET / HTTP' in line for line in lines), lines
+    assert any(f'request_id={request_id} ' in line and " 404 " in line for line in lines), lines
+
+
 def test_the_first_request_is_answered_before_the_fork_and_leaves_no_connection(dynos, postgres):
     """gunicorn's main process answers GET / before forking (libs/prefork.py): the workers share
     what it set up, and no database connection, which two processes must never share."""
