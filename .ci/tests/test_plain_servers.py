@@ -17,6 +17,11 @@ The only changes to what the README says, each needed to run here beside other t
 6. The blocks run with root's stock PATH, HOME, LANG and UV_SYSTEM_CERTS=1 (uv trusts the OS's
    certificates, as bin/setup makes it do), nothing else from the test's environment.
 Free ports are chosen at random below 32768.
+
+The section's "Several servers: HAProxy in front" block (a plain ``` block, not ```sh) is for a
+balancer, another machine: it installs Debian's haproxy service, which would take ports 80 and 443
+here from the site's nginx. The last test runs what that service runs, haproxy with the project's
+etc/haproxy.cfg, changed only as `haproxy_config` says (its ports, its server list).
 """
 
 import contextlib
@@ -149,7 +154,11 @@ systemctl() {{
 
     def request(self, method, path, body=None, headers=None, timeout=30):
         """One request on a new connection: (status, headers, body)."""
-        conn = self.connection(timeout=timeout)
+        return self.request_at(None, method, path, body, headers, timeout)
+
+    def request_at(self, port, method, path, body=None, headers=None, timeout=30):
+        """One request on a new connection to `port` (None: nginx's): (status, headers, body)."""
+        conn = self.connection(port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
@@ -468,3 +477,88 @@ def test_a_worker_that_cannot_start_is_fatal_not_running(site):
         env_file.write_text(good)
         site.supervisorctl("start", "worker")
     assert site.status()[0]["worker"] == "RUNNING"
+
+
+def haproxy_config(site, ports):
+    """The project's etc/haproxy.cfg, changed only to run beside the site on this one machine:
+    its listen ports are free ports of 127.0.0.1, and its server list is one server, the site's
+    nginx on its test port (README: "Several servers", where it runs on a machine of its own)."""
+    text = (site.project / "etc/haproxy.cfg").read_text()
+    for public, port in (("80", ports["http"]), ("443", ports["https"])):
+        text, count = re.subn(rf"^(\s*bind ):{public}$", rf"\g<1>127.0.0.1:{port}", text,
+                              flags=re.M)
+        assert count == 1, f"etc/haproxy.cfg: no single `bind :{public}`"
+    servers = re.findall(r"^\s*server \S+ \S+$", text, re.M)
+    assert servers, "etc/haproxy.cfg: no `server NAME ADDRESS` line"
+    for line in servers[1:]:
+        text = text.replace(line + "\n", "")
+    name = servers[0].split()[1]
+    one = re.sub(r"\S+$", f"127.0.0.1:{site.ports['https']}", servers[0])
+    return text.replace(servers[0], one), name
+
+
+def wait_for_text(path, start, text, timeout):
+    """Wait until `text` is in the file `path` past its first `start` characters."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text()[start:]:
+        tail = path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"not in {path.name}: {text}\n{tail}"
+        time.sleep(0.5)
+
+
+def test_haproxy_in_front_sends_visitors_to_a_healthy_server_only(site):
+    """HAProxy with the project's etc/haproxy.cfg, in front of the site's nginx, SITE in its
+    environment as the README's /etc/default/haproxy gives it: its health check gets 200 from
+    /healthz (a Host the site accepts); the hello page answers through it, TLS passed through; with
+    the site's web processes stopped the check fails and HAProxy takes the server out, and once
+    they are started again it brings the server back by itself."""
+    ports = {}
+    for name in ("http", "https"):
+        ports[name] = free_port({*site.ports.values(), *ports.values()})
+    config, server = haproxy_config(site, ports)
+    cfg, log = site.root / "haproxy.cfg", site.root / "haproxy.log"
+    cfg.write_text(config)
+    nginx_log = site.project / "var/nginx.log"
+    seen = len(nginx_log.read_text())
+    with open(log, "w") as out:
+        haproxy = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
+            env={"PATH": site.env["PATH"], "SITE": site.name})
+    try:
+        # The check reached Django through nginx and got 200: the Host was accepted.
+        wait_for_text(nginx_log, seen, '"GET /healthz HTTP/1.1" 200', 30)
+        conn = site.connection(port=ports["https"])
+        try:
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            assert response.status == 200 and NAME.encode() in response.read()
+            # Passed through: the certificate is the app server's own.
+            assert conn.sock.getpeercert()["subject"] == ((("commonName", site.name),),)
+        finally:
+            conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", ports["http"], timeout=10)
+        plain.request("GET", "/", headers={"Host": site.name})
+        response = plain.getresponse()
+        assert response.status == 301
+        assert response.headers["Location"] == f"https://{site.name}/"
+        plain.close()
+
+        stopped = site.supervisorctl("stop", "web:*")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        try:
+            wait_for_text(log, 0, f"Server app/{server} is DOWN", 60)
+            # No server left: HAProxy closes the connection rather than pass it on.
+            with pytest.raises(OSError):
+                site.request_at(ports["https"], "GET", "/")
+        finally:
+            started = site.supervisorctl("start", "web:*")
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_for_text(log, 0, f"Server app/{server} is UP", 60)
+        assert site.request_at(ports["https"], "GET", "/")[0] == 200
+    finally:
+        haproxy.terminate()
+        try:
+            haproxy.wait(20)
+        except subprocess.TimeoutExpired:
+            haproxy.kill()
+            haproxy.wait()
