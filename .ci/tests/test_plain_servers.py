@@ -12,11 +12,16 @@ The only changes to what the README says, each needed to run here beside other t
 4. systemd does not run here: `systemctl` is a shell function; `enable --now UNIT` starts the
    unit's ExecStart in the background with systemd's bare environment, `daemon-reload` and
    `disable --now nginx` (Debian's nginx service, not running here) do nothing.
-5. In the project's etc/, nginx listens on free ports of 127.0.0.1 instead of 80 and 443, and
+5. In the project's etc/, nginx listens on free ports of 127.0.0.1 instead of 80, 443 and 8443, and
    gunicorn's socket is a free port instead of 127.0.0.1:8000.
 6. The blocks run with root's stock PATH, HOME, LANG and UV_SYSTEM_CERTS=1 (uv trusts the OS's
    certificates, as bin/setup makes it do), nothing else from the test's environment.
 Free ports are chosen at random below 32768.
+
+The section's "Several servers: HAProxy in front" block (a plain ``` block, not ```sh) is for a
+balancer, another machine: it installs Debian's haproxy service, which would take ports 80 and 443
+here from the site's nginx. The last test runs what that service runs, haproxy with the project's
+etc/haproxy.cfg, changed only as `haproxy_config` says (its ports, its server list).
 """
 
 import contextlib
@@ -143,13 +148,17 @@ systemctl() {{
         out = self.supervisorctl("status").stdout
         return dict(re.findall(r"^(\S+)\s+([A-Z]+)", out, re.M)), out
 
-    def connection(self, port=None, timeout=30):
+    def connection(self, port=None, timeout=30, source=None):
         context = ssl.create_default_context(cafile=self.project / "var/tls/cert.pem")
-        return _Connection(self.name, port or self.ports["https"], context, timeout)
+        return _Connection(self.name, port or self.ports["https"], context, timeout, source)
 
     def request(self, method, path, body=None, headers=None, timeout=30):
         """One request on a new connection: (status, headers, body)."""
-        conn = self.connection(timeout=timeout)
+        return self.request_at(None, method, path, body, headers, timeout)
+
+    def request_at(self, port, method, path, body=None, headers=None, timeout=30):
+        """One request on a new connection to `port` (None: nginx's): (status, headers, body)."""
+        conn = self.connection(port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
@@ -173,12 +182,13 @@ class _Connection(http.client.HTTPSConnection):
     """To the site by its name (SNI, the certificate's name, Host) at 127.0.0.1, as a browser
     whose DNS gives the loopback address."""
 
-    def __init__(self, name, port, context, timeout):
+    def __init__(self, name, port, context, timeout, source=None):
         super().__init__(name, port, timeout=timeout, context=context)
-        self.tls = context
+        self.tls, self.source = context, source
 
     def connect(self):
-        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        source = (self.source, 0) if self.source else None
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout, source)
         self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
 
 
@@ -206,7 +216,8 @@ def listen_on_test_ports(project, ports):
     nginx = project / "etc/nginx.conf"
     text = nginx.read_text()
     text = re.sub(r"^\s*listen \[::\]:.*\n", "", text, flags=re.M)
-    for public, port in (("80", ports["http"]), ("443", ports["https"])):
+    for public, port in (("80", ports["http"]), ("443", ports["https"]),
+                         ("8443", ports["proxied"])):
         text, count = re.subn(rf"listen {public}\b", f"listen 127.0.0.1:{port}", text)
         assert count == 1, f"etc/nginx.conf: no single `listen {public}`"
     for path in (nginx, project / "etc/conf.d/web.conf"):
@@ -221,7 +232,7 @@ def site():
     root = Path(tempfile.mkdtemp(prefix="plain-"))
     root.chmod(0o755)  # as /srv: nginx's workers (www-data) read the static files under it
     site = Site(root)
-    for name in ("postgres", "redis", "http", "https", "gunicorn"):
+    for name in ("postgres", "redis", "http", "https", "proxied", "gunicorn"):
         site.ports[name] = free_port(set(site.ports.values()))
     redis = services.redis(site.ports["redis"])
     cluster = Cluster(root / "pg", site.ports["postgres"])
@@ -468,3 +479,98 @@ def test_a_worker_that_cannot_start_is_fatal_not_running(site):
         env_file.write_text(good)
         site.supervisorctl("start", "worker")
     assert site.status()[0]["worker"] == "RUNNING"
+
+
+VISITOR = "127.0.0.2"  # a loopback address too, not the 127.0.0.1 HAProxy connects from
+
+
+def haproxy_config(site, ports):
+    """The project's etc/haproxy.cfg, changed only to run beside the site on this one machine:
+    its listen ports are free ports of 127.0.0.1, and its server list is one server, the site's
+    nginx on its test port (README: "Several servers", where it runs on a machine of its own)."""
+    text = (site.project / "etc/haproxy.cfg").read_text()
+    for public, port in (("80", ports["http"]), ("443", ports["https"])):
+        text, count = re.subn(rf"^(\s*bind ):{public}$", rf"\g<1>127.0.0.1:{port}", text,
+                              flags=re.M)
+        assert count == 1, f"etc/haproxy.cfg: no single `bind :{public}`"
+    servers = re.findall(r"^\s*server \S+ \S+$", text, re.M)
+    assert servers, "etc/haproxy.cfg: no `server NAME ADDRESS` line"
+    for line in servers[1:]:
+        text = text.replace(line + "\n", "")
+    name = servers[0].split()[1]
+    one = re.sub(r"\S+$", f"127.0.0.1:{site.ports['proxied']}", servers[0])
+    return text.replace(servers[0], one), name
+
+
+def wait_for_text(path, start, text, timeout):
+    """Wait until `text` is in the file `path` past its first `start` characters."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text()[start:]:
+        tail = path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"not in {path.name}: {text}\n{tail}"
+        time.sleep(0.5)
+
+
+def test_haproxy_in_front_sends_visitors_to_a_healthy_server_only(site):
+    """HAProxy with the project's etc/haproxy.cfg, in front of the site's nginx, SITE in its
+    environment as the README's /etc/default/haproxy gives it: its health check gets 200 from
+    /healthz (a Host the site accepts); the hello page answers through it, TLS passed through, and
+    nginx has the visitor's address (the PROXY protocol), not HAProxy's; with
+    the site's web processes stopped the check fails and HAProxy takes the server out, and once
+    they are started again it brings the server back by itself."""
+    ports = {}
+    for name in ("http", "https"):
+        ports[name] = free_port({*site.ports.values(), *ports.values()})
+    config, server = haproxy_config(site, ports)
+    cfg, log = site.root / "haproxy.cfg", site.root / "haproxy.log"
+    cfg.write_text(config)
+    nginx_log = site.project / "var/nginx.log"
+    seen = len(nginx_log.read_text())
+    with open(log, "w") as out:
+        haproxy = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
+            env={"PATH": site.env["PATH"], "SITE": site.name})
+    try:
+        # The check reached Django through nginx and got 200: the Host was accepted.
+        wait_for_text(nginx_log, seen, '"GET /healthz HTTP/1.1" 200', 30)
+        # A visitor from another address than HAProxy's (127.0.0.1).
+        conn = site.connection(port=ports["https"], source=VISITOR)
+        try:
+            conn.request("GET", "/?through-haproxy")
+            response = conn.getresponse()
+            assert response.status == 200 and NAME.encode() in response.read()
+            # Passed through: the certificate is the app server's own.
+            assert conn.sock.getpeercert()["subject"] == ((("commonName", site.name),),)
+        finally:
+            conn.close()
+        # nginx (and so X-Forwarded-For, the login throttle) has the visitor's address.
+        wait_for_text(nginx_log, seen, '"GET /?through-haproxy HTTP/1.1" 200', 10)
+        lines = nginx_log.read_text()[seen:].splitlines()
+        assert [line for line in lines if "GET /?through-haproxy " in line
+                and line.startswith(f"{VISITOR} ")], lines[-5:]
+        plain = http.client.HTTPConnection("127.0.0.1", ports["http"], timeout=10)
+        plain.request("GET", "/", headers={"Host": site.name})
+        response = plain.getresponse()
+        assert response.status == 301
+        assert response.headers["Location"] == f"https://{site.name}/"
+        plain.close()
+
+        stopped = site.supervisorctl("stop", "web:*")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        try:
+            wait_for_text(log, 0, f"Server app/{server} is DOWN", 60)
+            # No server left: HAProxy closes the connection rather than pass it on.
+            with pytest.raises(OSError):
+                site.request_at(ports["https"], "GET", "/")
+        finally:
+            started = site.supervisorctl("start", "web:*")
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_for_text(log, 0, f"Server app/{server} is UP", 60)
+        assert site.request_at(ports["https"], "GET", "/")[0] == 200
+    finally:
+        haproxy.terminate()
+        try:
+            haproxy.wait(20)
+        except subprocess.TimeoutExpired:
+            haproxy.kill()
+            haproxy.wait()
