@@ -1,0 +1,257 @@
+"""More web processes than the database has connections: a new project behind a real PgBouncer
+(Debian's, 1.18) in transaction mode, as Heroku's connection pooling runs it
+(DATABASE_CONNECTION_POOL_URL), with a server pool of 4 handed out round robin, so that no test
+passes only because a client got the same server connection back.
+
+4 web processes (the Procfile's line, prod settings, WEB_CONCURRENCY=2 each) would hold up to
+4 x 2 x 7 = 56 connections; the database allows 20. The release phase migrates on the direct
+DATABASE_URL, while PgBouncer is not even running.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
+
+import stack  # noqa: E402
+from conftest import NAME, services  # noqa: E402
+
+MAX_CONNECTIONS = 20  # Heroku Postgres essential-0's limit
+SERVER_POOL = 4
+WEB_PROCESSES, WEB_CONCURRENCY, POOL_SIZE = 4, 2, 7
+ROWS = 2000
+
+# Pages that do through PgBouncer what transaction pooling breaks when it is not set up for it.
+VIEWS = '''\
+from django.contrib.auth.models import Group
+from django.db import connection, transaction
+from django.http import JsonResponse
+from django.urls import path
+
+
+def iterate(request):
+    # A server-side cursor (DECLARE, then FETCH) would outlive its transaction.
+    names = [g.name for g in Group.objects.order_by("id").iterator(chunk_size=100)]
+    return JsonResponse({"rows": len(names), "last": names[-1] if names else None})
+
+
+def repeat(request):
+    # psycopg prepares a query run more than prepare_threshold times on one connection.
+    counts = [Group.objects.filter(name__startswith="g-1").count() for _ in range(12)]
+    return JsonResponse({"counts": counts, "backend": connection.connection.info.backend_pid})
+
+
+def lock(request):
+    with transaction.atomic():
+        group = Group.objects.select_for_update().get(name="g-0")
+        group.name = "g-0"
+        group.save(update_fields=["name"])
+    return JsonResponse({"locked": group.pk})
+
+
+urlpatterns = [path("pgb/iterate/", iterate), path("pgb/repeat/", repeat), path("pgb/lock/", lock)]
+'''
+
+
+class PgBouncer:
+    """PgBouncer in the foreground, as the postgres user (it refuses to run as root), in
+    transaction mode in front of `postgres`."""
+
+    def __init__(self, postgres, port):
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix="ci-pgbouncer-"))
+        (self.dir / "userlist.txt").write_text('"ci" "ci"\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            f"""[databases]
+ci = host=127.0.0.1 port={postgres.port} dbname=ci
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {self.dir / "userlist.txt"}
+pool_mode = transaction
+default_pool_size = {SERVER_POOL}
+max_client_conn = 1000
+server_round_robin = 1
+; after a failed connection to the server, try again in 1 s, not 15
+server_login_retry = 1
+logfile = {self.dir / "pgbouncer.log"}
+"""
+        )
+        if os.geteuid() == 0:
+            for path in [self.dir, *self.dir.iterdir()]:
+                shutil.chown(path, "postgres")
+        self.url = f"postgres://ci:ci@127.0.0.1:{port}/ci"
+        self.proc = None
+
+    def start(self):
+        args = services.as_service_user([services.require("pgbouncer"), str(self.dir / "pgbouncer.ini")])
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        services.wait_for_port(self.port)
+        return self
+
+    def log(self):
+        path = self.dir / "pgbouncer.log"
+        return path.read_text()[-3000:] if path.exists() else ""
+
+    def close(self):
+        if self.proc and self.proc.poll() is None:
+            services.stop_group(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def database():
+    server = services.Postgres(port=services.free_low_port(), max_connections=MAX_CONNECTIONS)
+    try:
+        yield server.start()
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(database):
+    # Made, not started: the release phase runs without it.
+    bouncer = PgBouncer(database, services.free_low_port())
+    yield bouncer
+    bouncer.close()
+
+
+@pytest.fixture(scope="module")
+def config(database, pgbouncer, redis):
+    return stack.config_vars(
+        database,
+        redis,
+        WEB_CONCURRENCY=str(WEB_CONCURRENCY),
+        # An owner's setting that would prepare every query run twice: the settings override it.
+        DATABASE_CONNECTION_POOL_URL=pgbouncer.url + "?prepare_threshold=1",
+    )
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, config, pgbouncer, database):
+    build = stack.Build(tmp_path_factory.mktemp("pgbouncer"))
+    app = build.path / NAME / "apps" / "pgb"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    (app / "urls.py").write_text(VIEWS)
+    with open(build.path / NAME / "urls.py", "a") as urls:
+        urls.write(f'\nurlpatterns += [path("", include("{NAME}.apps.pgb.urls"))]\n')
+
+    collect = build.run("python manage.py collectstatic --noinput", config)
+    assert collect.returncode == 0, collect.stdout + collect.stderr
+    # The Procfile's release line while PgBouncer is down: migrate uses the direct DATABASE_URL.
+    release = build.run(build.processes["release"], config)
+    assert release.returncode == 0, release.stdout + release.stderr
+    values = ",".join(f"('g-{i}')" for i in range(ROWS))
+    database.sql(f"INSERT INTO auth_group (name) VALUES {values}")
+    pgbouncer.start()
+    return build
+
+
+@pytest.fixture(scope="module")
+def webs(released, config):
+    """WEB_PROCESSES web dynos: the Procfile's web line under honcho, one port each."""
+    started = []
+    try:
+        for i in range(WEB_PROCESSES):
+            honcho = stack.Honcho(released, config, processes=["web"], base_port=services.free_low_port())
+            honcho.log = released.path / f"honcho-web-{i}.log"
+            started.append(honcho)
+            honcho.start()
+        yield started
+    finally:
+        for honcho in started:
+            honcho.stop()
+
+
+def load(webs, path, seconds, connections=16):
+    """wrk on every web process at once; their results."""
+    results = [None] * len(webs)
+
+    def run(i):
+        results[i] = stack.wrk(webs[i].url(path), connections, seconds, threads=1)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(webs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_the_web_would_need_more_connections_than_the_database_has():
+    assert WEB_PROCESSES * WEB_CONCURRENCY * POOL_SIZE > MAX_CONNECTIONS
+
+
+def test_every_request_is_answered_with_the_database_s_connections_bounded(webs, database):
+    with stack.ConnectionSampler(database) as sampler:
+        results = load(webs, "/parity/db/", seconds=3)
+
+    for result in results:
+        assert result["requests"] > 0, result["output"]
+        assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"]
+    assert sampler.samples and sampler.peak() <= SERVER_POOL  # PgBouncer's, not 56
+
+
+def test_iterator_over_2000_rows_through_pgbouncer(webs):
+    status, body = stack.get(webs[0].url("/pgb/iterate/"))
+
+    assert status == 200, body[-2000:]
+    assert b'"rows": 2000' in body
+
+
+def test_a_query_repeated_on_one_connection_is_never_prepared(webs):
+    for web in webs:  # each process's pool, several server connections behind it
+        status, body = stack.get(web.url("/pgb/repeat/"))
+        assert status == 200, body[-2000:]
+
+
+def test_a_transaction_with_select_for_update_through_pgbouncer(webs):
+    for web in webs:
+        status, body = stack.get(web.url("/pgb/lock/"))
+        assert status == 200, body[-2000:]
+
+
+def test_20_concurrent_requests_in_one_gevent_worker(released, config):
+    one = stack.Honcho(
+        released, {**config, "WEB_CONCURRENCY": "1"}, processes=["web"], base_port=services.free_low_port()
+    )
+    one.log = released.path / "honcho-one-worker.log"
+    try:
+        one.start()
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: stack.get(one.url("/parity/sleep/?s=0.3"), timeout=30), range(20)))
+    finally:
+        one.stop()
+
+    assert [status for status, _ in answers] == [200] * 20, answers
+
+
+def test_a_postgres_restart_under_load_costs_no_request_once_it_is_back(webs, database, pgbouncer):
+    masters = [web.gunicorn_master().pid for web in webs]
+    during = threading.Thread(target=load, args=(webs, "/parity/db/", 6, 8))
+    during.start()
+    time.sleep(1.5)
+    database.restart()
+    during.join()
+
+    results = load(webs, "/parity/db/", seconds=3)
+    for result in results:
+        assert result["requests"] > 0, result["output"]
+        assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"] + pgbouncer.log()
+    assert [web.gunicorn_master().pid for web in webs] == masters, "a web process was restarted"
+    assert all(web.proc.poll() is None for web in webs), "a web process stopped"
