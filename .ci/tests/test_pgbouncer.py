@@ -82,6 +82,8 @@ auth_type = scram-sha-256
 auth_file = {self.dir / "userlist.txt"}
 pool_mode = transaction
 default_pool_size = {SERVER_POOL}
+; all of them open from the start, so that round robin always has several to choose from
+min_pool_size = {SERVER_POOL}
 max_client_conn = 1000
 server_round_robin = 1
 ; after a failed connection to the server, try again in 1 s, not 15
@@ -136,8 +138,9 @@ def config(database, pgbouncer, redis):
         database,
         redis,
         WEB_CONCURRENCY=str(WEB_CONCURRENCY),
-        # An owner's setting that would prepare every query run twice: the settings override it.
-        DATABASE_CONNECTION_POOL_URL=pgbouncer.url + "?prepare_threshold=1",
+        # An owner's settings that would prepare every query run twice (server-side binding and a
+        # prepare_threshold of 1): the transaction-pooling settings override them.
+        DATABASE_CONNECTION_POOL_URL=pgbouncer.url + "?server_side_binding=true&prepare_threshold=1",
     )
 
 
@@ -163,7 +166,7 @@ def released(tmp_path_factory, config, pgbouncer, database):
 
 
 @pytest.fixture(scope="module")
-def webs(released, config):
+def webs(released, config, database):
     """WEB_PROCESSES web dynos: the Procfile's web line under honcho, one port each."""
     started = []
     try:
@@ -172,10 +175,25 @@ def webs(released, config):
             honcho.log = released.path / f"honcho-web-{i}.log"
             started.append(honcho)
             honcho.start()
+        # PgBouncer opens its min_pool_size once a client came: one does, then wait for all
+        # four, so that round robin has several server connections to hand out from the start.
+        assert stack.get(started[0].url("/parity/db/"))[0] == 200
+        deadline = time.monotonic() + 30
+        while server_connections(database) < SERVER_POOL:
+            assert time.monotonic() < deadline, f"PgBouncer opened no {SERVER_POOL} connections"
+            time.sleep(0.2)
         yield started
     finally:
         for honcho in started:
             honcho.stop()
+
+
+def server_connections(database):
+    """The database's client connections (all PgBouncer's), but the one asking."""
+    return int(database.sql(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    ))
 
 
 def load(webs, path, seconds, connections=16):
