@@ -8,6 +8,7 @@ passes only because a client got the same server connection back.
 DATABASE_URL, while PgBouncer is not even running.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
@@ -273,3 +275,39 @@ def test_a_postgres_restart_under_load_costs_no_request_once_it_is_back(webs, da
         assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result["output"] + pgbouncer.log()
     assert [web.gunicorn_master().pid for web in webs] == masters, "a web process was restarted"
     assert all(web.proc.poll() is None for web in webs), "a web process stopped"
+
+
+def test_the_worker_and_the_scheduler_run_through_pgbouncer(released, config, database, pgbouncer):
+    celery = stack.Honcho(released, config, processes=["worker", "scheduler"])
+    celery.log = released.path / "honcho-celery.log"
+    try:
+        celery.start()
+        # The Celery sample's task, enqueued as its page does: a row, then the task.
+        code = (
+            f"from {NAME}.apps.celery_sample.models import Computation; "
+            f"from {NAME}.apps.celery_sample.tasks import send; import uuid; "
+            "c = Computation.objects.create(n=1000, task_id=str(uuid.uuid4())); "
+            "send(c, 0.1); print(c.pk)"
+        )
+        enqueued = released.run(f"python manage.py shell -c '{code}'", config)
+        assert enqueued.returncode == 0, enqueued.stderr
+        pk = int(enqueued.stdout.split()[-1])
+        result = f"SELECT coalesce(result::text, '') FROM celery_sample_computation WHERE id = {pk}"
+        # beat records each run of a periodic task as it sends it (CELERY_BEAT_SYNC_EVERY = 1).
+        beat_ran = (
+            "SELECT count(*) FROM django_celery_beat_periodictask "
+            "WHERE name = 'celery-sample-send-unsent' AND last_run_at IS NOT NULL"
+        )
+        deadline = time.monotonic() + 60
+        while not (database.sql(result) and database.sql(beat_ran) == "1"):
+            assert time.monotonic() < deadline, f"no task ran or beat sent none:\n{celery.tail()}"
+            time.sleep(0.5)
+        assert int(database.sql(result)) == sum(i * i for i in range(1, 1001))
+        # Every connection they hold is to PgBouncer, none straight to the database.
+        ports = set()
+        for process in celery.tree():
+            with contextlib.suppress(psutil.Error):
+                ports |= {c.raddr.port for c in process.net_connections("tcp") if c.raddr}
+        assert pgbouncer.port in ports and database.port not in ports, ports
+    finally:
+        celery.stop()
