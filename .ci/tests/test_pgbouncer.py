@@ -330,3 +330,36 @@ def test_the_worker_and_the_scheduler_run_through_pgbouncer(released, config, da
         assert pgbouncer.port in ports and database.port not in ports, ports
     finally:
         celery.stop()
+
+
+# heroku-buildpack-pgbouncer's bin/start-pgbouncer points DATABASE_URL at its PgBouncer, here.
+BUILDPACK_PORT = 6000
+
+
+def test_the_buildpack_s_database_url_needs_no_tls_and_gets_transaction_settings(released, config, database):
+    """The web as `web: bin/start-pgbouncer gunicorn ...` runs it: DATABASE_URL rewritten to
+    PgBouncer on 127.0.0.1:6000, which speaks no TLS, in transaction mode; no other setting."""
+    bouncer = PgBouncer(database, BUILDPACK_PORT)
+    before = server_connections(database)
+    web = None
+    try:
+        bouncer.start()
+        dyno = {name: value for name, value in config.items() if not name.startswith("DATABASE_")}
+        web = stack.Honcho(
+            released, {**dyno, "DATABASE_URL": bouncer.url}, processes=["web"],
+            base_port=services.free_low_port(),
+        )
+        web.log = released.path / "honcho-buildpack.log"
+        web.start()
+        status, body = stack.get(web.url("/parity/db/"))
+        assert status == 200, f"{body[-2000:]}\n{web.tail()}"
+        deadline = time.monotonic() + 30  # its server connections open, for round robin
+        while server_connections(database) < before + SERVER_POOL:
+            assert time.monotonic() < deadline, f"PgBouncer opened no {SERVER_POOL} connections"
+            time.sleep(0.2)
+        status, body = stack.get(web.url("/pgb/iterate/"))
+        assert status == 200, f"{body[-2000:]}\n{web.tail()}"
+    finally:
+        if web:
+            web.stop()
+        bouncer.close()
