@@ -303,7 +303,8 @@ end
 
 def wrk(url, connections, seconds, threads=2, timeout="10s"):
     """One wrk run; returns requests, req/s, non-2xx, socket errors, p50/p99 in ms."""
-    script = Path("/tmp") / f"wrk-parity-{os.getpid()}.lua"
+    # One script per thread: wrk runs started at once must not read one being rewritten.
+    script = Path("/tmp") / f"wrk-parity-{os.getpid()}-{threading.get_ident()}.lua"
     script.write_text(WRK_LUA)
     out = subprocess.run(
         ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s",
