@@ -148,6 +148,18 @@ systemctl() {{
         out = self.supervisorctl("status").stdout
         return dict(re.findall(r"^(\S+)\s+([A-Z]+)", out, re.M)), out
 
+    def running(self, timeout=60):
+        """status() once every program is RUNNING: supervisord says STARTING for a program's
+        first 10 s (startsecs), which a loaded machine can stretch past the first page."""
+        deadline = time.monotonic() + timeout
+        while True:
+            states, out = self.status()
+            if states and all(state == "RUNNING" for state in states.values()):
+                return states, out
+            assert time.monotonic() < deadline, f"not all RUNNING after {timeout} s:\n{out}"
+            assert "FATAL" not in states.values() and "EXITED" not in states.values(), out
+            time.sleep(1)
+
     def connection(self, port=None, timeout=30, source=None):
         context = ssl.create_default_context(cafile=self.project / "var/tls/cert.pem")
         return _Connection(self.name, port or self.ports["https"], context, timeout, source)
@@ -359,7 +371,7 @@ def test_the_worker_runs_a_task_from_the_sample_page(site):
 
 
 def test_exactly_one_scheduler(site):
-    states, out = site.status()
+    states, out = site.running()
     assert [name for name in states if name.startswith("scheduler")] == ["scheduler"], out
     assert all(state == "RUNNING" for state in states.values()), out
     assert set(states) == {"nginx", "web:web_0", "web:web_1", "worker", "scheduler"}, out
@@ -370,7 +382,7 @@ def test_exactly_one_scheduler(site):
 def test_deploy_rereads_env_and_restarts_with_no_502(site):
     """The README's deploy block, after an edit of .env, while a visitor keeps loading the page."""
     assert "Strict-Transport-Security" not in site.request("GET", "/")[1]
-    pids = site.status()[1]
+    pids = site.running()[1]
     env_file = site.project / ".env"
     env_file.write_text(env_file.read_text().replace("SECURE_HSTS_SECONDS=0", "SECURE_HSTS_SECONDS=120"))
 
@@ -396,8 +408,7 @@ def test_deploy_rereads_env_and_restarts_with_no_502(site):
             thread.join(60)
     assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
 
-    states, after = site.status()
-    assert all(state == "RUNNING" for state in states.values()), after
+    states, after = site.running()
     for program in ("web:web_0", "web:web_1", "worker", "scheduler"):
         before_pid = re.search(rf"^{program}\s+RUNNING\s+pid (\d+)", pids, re.M).group(1)
         after_pid = re.search(rf"^{program}\s+RUNNING\s+pid (\d+)", after, re.M).group(1)

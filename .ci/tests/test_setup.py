@@ -122,6 +122,7 @@ def imports_django(root):
 @pytest.mark.parametrize("loss", ["a deleted folder", "an uninstall"])
 def test_a_venv_that_lost_a_package_is_repaired(stock, home, loss):
     root, _, _ = stock
+    run(["bin/setup"], root, user_env(home))  # .venv as its lock says (an earlier test relocked)
     if loss == "an uninstall":
         subprocess.run([root / ".venv/bin/uv", "pip", "uninstall", "--quiet", "--python", root / ".venv/bin/python",
                         "django"], check=True, env=user_env(home))
