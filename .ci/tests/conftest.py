@@ -120,3 +120,12 @@ def memcached():
     server = services.memcached().start()
     yield server
     server.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print each test's recorded "summary" property (the project's size) in CI's log, with or
+    without pytest-xdist."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, value in getattr(report, "user_properties", []):
+            if name == "summary" and report.when == "call":
+                terminalreporter.write_line(value)
