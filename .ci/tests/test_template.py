@@ -165,10 +165,10 @@ def test_new_project_works_on_other_python(tmp_path, python):
 
 
 # Issue 21: what a new project's owner inherits, in lines (the figures are printed in CI's log).
-# The goal is libs/ 700 and 2,500 in all; these limits are today's figures with a little room, so
-# the project cannot grow unnoticed while cuts bring it down to the goal.
+# The goal is libs/ 700 and 2,500 in all; these limits are the figures reached so far (a ratchet:
+# lower them with each cut), so the project cannot grow unnoticed while cuts bring it to the goal.
 LIBS_GOAL, PYTHON_GOAL = 700, 2500
-LIBS_LIMIT, PYTHON_LIMIT = 1600, 4000
+LIBS_LIMIT, PYTHON_LIMIT = 1386, 3695
 
 
 def python_lines(folder):
