@@ -346,6 +346,21 @@ def test_worker_killed_mid_run_loses_no_task(project, database, broker, request,
     assert worker.stop() == 0
 
 
+def test_a_worker_that_gives_up_exits_non_zero_with_one_line(project, database, rabbitmq, processes, tmp_path):
+    """The worker waits for a broker that is down, however long, but gives up when the broker
+    refuses its login (a wrong password in CLOUDAMQP_URL): then it exits with a failure status,
+    so a supervisor that restarts failed processes restarts it, and says why in one line."""
+    url = rabbitmq.url.replace("guest:guest@", "guest:wrong-password@")
+    env = {"DATABASE_URL": database, "REDIS_URL": "", "CLOUDAMQP_URL": url, "WEB_CONCURRENCY": "1"}
+    worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+
+    assert worker.proc.wait(60) != 0, worker.text()[-3000:]
+    text = worker.text()
+    assert "Traceback" not in text and "wrong-password" not in text, text[-3000:]
+    [line] = [line for line in text.splitlines() if "ACCESS_REFUSED" in line]
+    assert line.startswith("CRITICAL celery.worker ") and "broker refused the worker: " in line
+
+
 @pytest.mark.parametrize("outage", [2, 60])
 def test_worker_outlives_redis_restart_mid_task(project, database, processes, tmp_path, outage):
     """Redis (the broker) restarts, empty, after 2 s or a minute away, while the Procfile's worker
