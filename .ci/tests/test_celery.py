@@ -393,6 +393,35 @@ def test_worker_outlives_redis_restart_mid_task(project, database, processes, tm
         redis.close()
 
 
+def test_worker_outlives_rabbitmq_restart_mid_task(project, database, processes, tmp_path):
+    """RabbitMQ (the broker) restarts while the Procfile's worker runs a task: the worker stays
+    up and reconnects, the interrupted task, which RabbitMQ kept unacknowledged, runs again within
+    60 s of the broker being back, and a task enqueued then runs within 10 s."""
+    server = RabbitMQ().start()
+    try:
+        env = {"DATABASE_URL": database, "REDIS_URL": "", "CLOUDAMQP_URL": server.url, "WEB_CONCURRENCY": "2"}
+        worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+        [running] = enqueue(project, env, 1, n=5, seconds=6)
+        wait_for(lambda: rows(project, env)[running]["attempts"] == 1, 60, f"the task never started:\n{worker.text()[-2000:]}", interval=0.1)
+
+        server.stop()  # the broker goes away mid-task...
+        server.start()  # ...and comes back, on the same ports, with its queue
+
+        [after] = enqueue(project, env, 1, n=6, seconds=0)
+        done = wait_for(
+            lambda: (r := rows(project, env)) and r[running]["attempts"] >= 2 and r[after]["result"] is not None and r,
+            60, f"a task did not run after the restart:\n{worker.text()[-3000:]}",
+        )
+        assert worker.proc.poll() is None, f"the worker exited:\n{worker.text()[-3000:]}"
+        assert done[running]["result"] == sum_squares(5)
+        assert done[after]["result"] == sum_squares(6)
+        assert done[after]["finished_at"] - done[after]["created_at"] < 10, "the new task waited 10 s or more"
+        assert worker.text().count("Connected to amqp://") >= 2
+        assert worker.stop() == 0
+    finally:
+        server.close()
+
+
 def test_a_task_asked_for_while_the_broker_is_down_runs_once_it_is_back(project, database, processes, tmp_path):
     """The sample's pattern: the page saves the row and says the task will run once the queue is
     back; beat's send_unsent sends it then, and a worker runs it. A bad number gets the form."""

@@ -634,6 +634,8 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
     assert site.logged_in()
     assert site.health() == (200, {"status": "ok", "database": "ok", "cache": "ok", "broker": "ok"})
 
+    # Visitors all along: every page answers, cached or not.
+    load = Visitors(site, "/")
     # A restart empties the cache (no persistence): sessions come back from the database.
     server.restart()
     assert site.logged_in()
@@ -655,7 +657,9 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
     while site.health()[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert site.health()[0] == 200
+    statuses = [status for _, status in load.stop()]
     out = site.stop()
+    assert statuses and set(statuses) == {200}, (sorted(set(statuses)), out[-3000:])
     assert "failed, treated as a miss" in out
     assert "Traceback" not in out, out
 
