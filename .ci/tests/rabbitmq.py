@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services import free_port, require, stop_group, wait_for_port
+from services import free_low_port, free_port, require, stop_group, wait_for_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wraps it with su
 EPMD = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
@@ -16,7 +16,8 @@ EPMD = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
 
 class RabbitMQ:
     def __init__(self):
-        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
+        # Below the temporary ports: a test may stop the node and start it again on the same ones.
+        self.port, self.dist_port, self.epmd_port = free_low_port(), free_low_port(), free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ci-rabbitmq-"))
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"  # guest may log in on loopback
         self.proc = None
@@ -49,7 +50,7 @@ class RabbitMQ:
             for path in (self.dir, self.dir / "enabled_plugins"):
                 shutil.chown(path, "rabbitmq")
             user = ["runuser", "-u", "rabbitmq", "--"]
-        self.log = open(self.dir / "server.log", "w")  # noqa: SIM115 (closed in close)
+        self.log = open(self.dir / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [*user, "env", "-i", *(f"{k}={v}" for k, v in self.env().items()), SERVER],
             cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -65,10 +66,15 @@ class RabbitMQ:
             time.sleep(0.2)
         return self
 
-    def close(self):
+    def stop(self):
+        """Stop the node, keeping its folder (its queues and their messages) for start()."""
         if self.proc:
             stop_group(self.proc)
             self.log.close()
+            self.proc = None
+
+    def close(self):
+        self.stop()
         # The node started an epmd of its own (on its own port), which outlives it: end it.
         subprocess.run(
             [EPMD, "-port", str(self.epmd_port), "-kill"], capture_output=True, check=False, timeout=10,

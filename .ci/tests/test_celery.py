@@ -346,10 +346,27 @@ def test_worker_killed_mid_run_loses_no_task(project, database, broker, request,
     assert worker.stop() == 0
 
 
-def test_worker_outlives_redis_restart_mid_task(project, database, processes, tmp_path):
-    """Redis (the broker) restarts, empty, while the Procfile's worker runs a task: the worker
-    stays up and reconnects, the running task still finishes, and a task enqueued once Redis is
-    back runs within 10 s (Celery 5.7.0's worker exited here, with status 0: reqs/common.in)."""
+def test_a_worker_that_gives_up_exits_non_zero_with_one_line(project, database, rabbitmq, processes, tmp_path):
+    """The worker waits for a broker that is down, however long, but gives up when the broker
+    refuses its login (a wrong password in CLOUDAMQP_URL): then it exits with a failure status,
+    so a supervisor that restarts failed processes restarts it, and says why in one line."""
+    url = rabbitmq.url.replace("guest:guest@", "guest:wrong-password@")
+    env = {"DATABASE_URL": database, "REDIS_URL": "", "CLOUDAMQP_URL": url, "WEB_CONCURRENCY": "1"}
+    worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+
+    assert worker.proc.wait(60) != 0, worker.text()[-3000:]
+    text = worker.text()
+    assert "Traceback" not in text and "wrong-password" not in text, text[-3000:]
+    [line] = [line for line in text.splitlines() if "ACCESS_REFUSED" in line]
+    assert line.startswith("CRITICAL celery.worker ") and "broker refused the worker: " in line
+
+
+@pytest.mark.parametrize("outage", [2, 60])
+def test_worker_outlives_redis_restart_mid_task(project, database, processes, tmp_path, outage):
+    """Redis (the broker) restarts, empty, after 2 s or a minute away, while the Procfile's worker
+    runs a task: the worker stays up and reconnects, the running task still finishes, and a task
+    enqueued once Redis is back runs within 10 s (Celery 5.7.0's worker exited here, with status
+    0: reqs/common.in)."""
     redis = services.redis(services.free_low_port()).start()
     try:
         env = {"DATABASE_URL": database, "REDIS_URL": redis.url, "CLOUDAMQP_URL": "", "WEB_CONCURRENCY": "2"}
@@ -358,7 +375,7 @@ def test_worker_outlives_redis_restart_mid_task(project, database, processes, tm
         wait_for(lambda: rows(project, env)[running]["attempts"] == 1, 60, f"the task never started:\n{worker.text()[-2000:]}", interval=0.1)
 
         redis.stop()  # the broker goes away mid-task...
-        time.sleep(2)
+        time.sleep(outage)
         redis.start()  # ...and comes back (empty: nothing was saved), on the same port
 
         [after] = enqueue(project, env, 1, n=6, seconds=0)
@@ -374,6 +391,35 @@ def test_worker_outlives_redis_restart_mid_task(project, database, processes, tm
         assert worker.stop() == 0
     finally:
         redis.close()
+
+
+def test_worker_outlives_rabbitmq_restart_mid_task(project, database, processes, tmp_path):
+    """RabbitMQ (the broker) restarts while the Procfile's worker runs a task: the worker stays
+    up and reconnects, the interrupted task, which RabbitMQ kept unacknowledged, runs again within
+    60 s of the broker being back, and a task enqueued then runs within 10 s."""
+    server = RabbitMQ().start()
+    try:
+        env = {"DATABASE_URL": database, "REDIS_URL": "", "CLOUDAMQP_URL": server.url, "WEB_CONCURRENCY": "2"}
+        worker = processes(project, procfile_command(project, "worker"), env, tmp_path / "worker.log")
+        [running] = enqueue(project, env, 1, n=5, seconds=6)
+        wait_for(lambda: rows(project, env)[running]["attempts"] == 1, 60, f"the task never started:\n{worker.text()[-2000:]}", interval=0.1)
+
+        server.stop()  # the broker goes away mid-task...
+        server.start()  # ...and comes back, on the same ports, with its queue
+
+        [after] = enqueue(project, env, 1, n=6, seconds=0)
+        done = wait_for(
+            lambda: (r := rows(project, env)) and r[running]["attempts"] >= 2 and r[after]["result"] is not None and r,
+            60, f"a task did not run after the restart:\n{worker.text()[-3000:]}",
+        )
+        assert worker.proc.poll() is None, f"the worker exited:\n{worker.text()[-3000:]}"
+        assert done[running]["result"] == sum_squares(5)
+        assert done[after]["result"] == sum_squares(6)
+        assert done[after]["finished_at"] - done[after]["created_at"] < 10, "the new task waited 10 s or more"
+        assert worker.text().count("Connected to amqp://") >= 2
+        assert worker.stop() == 0
+    finally:
+        server.close()
 
 
 def test_a_task_asked_for_while_the_broker_is_down_runs_once_it_is_back(project, database, processes, tmp_path):

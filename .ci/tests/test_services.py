@@ -546,27 +546,62 @@ def test_a_full_database_server_is_a_503_with_retry_after_then_heals(prod, web):
         server.close()
 
 
-def test_pages_answer_at_once_after_postgres_restarts(prod, web):
-    """Postgres goes away for 1 s, then for 20 s, while the site is idle but for one visitor
-    during the outage: once it is back, every request is answered, none waiting for the pool's
-    backoff (DATABASE_POOL_TIMEOUT=2 turns a wait of more than 2 s into a 503)."""
+class Visitors:
+    """Visitors one after another on a few connections at once, each request with no retry: when
+    each began and its status (0 if it got no answer)."""
+
+    def __init__(self, site, path, count=4):
+        self.site, self.path, self.answers = site, path, []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.visit, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def visit(self):
+        while not self.stopping.is_set():
+            began = time.monotonic()
+            try:
+                status = self.site.get(self.path)[0]
+            except OSError:
+                status = 0
+            self.answers.append((began, status))
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+        return self.answers
+
+
+@pytest.mark.parametrize("outage", [1, 60])
+def test_pages_answer_at_once_after_postgres_restarts(prod, web, outage):
+    """Postgres goes away for a second or a minute, while one site is idle, another has one
+    visitor during the outage and a third is under load: once it is back, every request is
+    answered, none waiting for the pool's backoff (DATABASE_POOL_TIMEOUT=2 turns a wait of more
+    than 2 s into a 503)."""
     project, base = prod
     server = services.Postgres(services.free_low_port()).start()
     try:
         project.manage("migrate", "--noinput", env={**base, "DATABASE_URL": server.url})
-        site = web(DATABASE_URL=server.url, DATABASE_POOL_TIMEOUT="2")
-        assert site.get("/celery/")[0] == 200
-        answers = {}
-        for outage in (1, 20):
-            server.stop()
-            during = site.get("/celery/")[0]
-            time.sleep(outage)
-            server.start()
-            answers[outage] = (during, [site.get("/celery/")[0] for _ in range(5)])
-        out = site.stop()
-        for outage, (during, after) in answers.items():
-            assert during in (500, 503), (outage, during)
-            assert after == [200] * 5, (outage, after, out[-3000:])
+        sites = {name: web(DATABASE_URL=server.url, DATABASE_POOL_TIMEOUT="2")
+                 for name in ("idle", "visited", "loaded")}
+        for site in sites.values():
+            assert site.get("/celery/")[0] == 200
+        load = Visitors(sites["loaded"], "/celery/")
+        server.stop()
+        during = sites["visited"].get("/celery/")[0]
+        time.sleep(outage)
+        server.start()
+        back = time.monotonic()
+        time.sleep(2)
+        answers = load.stop()
+        after = {name: [site.get("/celery/")[0] for _ in range(5)] for name, site in sites.items()}
+        out = "".join(site.stop() for site in sites.values())
+        assert during in (500, 503), during
+        assert after == {name: [200] * 5 for name in sites}, (after, out[-3000:])
+        failed = [(round(began - back, 2), status) for began, status in answers if began > back and status != 200]
+        assert not failed and any(began > back for began, _ in answers), (failed, out[-3000:])
+        assert any(status != 200 for _, status in answers), "the load never met the outage"
     finally:
         server.close()
 
@@ -599,6 +634,8 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
     assert site.logged_in()
     assert site.health() == (200, {"status": "ok", "database": "ok", "cache": "ok", "broker": "ok"})
 
+    # Visitors all along: every page answers, cached or not.
+    load = Visitors(site, "/")
     # A restart empties the cache (no persistence): sessions come back from the database.
     server.restart()
     assert site.logged_in()
@@ -620,7 +657,9 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
     while site.health()[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert site.health()[0] == 200
+    statuses = [status for _, status in load.stop()]
     out = site.stop()
+    assert statuses and set(statuses) == {200}, (sorted(set(statuses)), out[-3000:])
     assert "failed, treated as a miss" in out
     assert "Traceback" not in out, out
 
