@@ -151,9 +151,15 @@ def test_access_log_lines_carry_the_request_id_as_heroku_sends_it(dynos):
     request_id = f"access-{time.time_ns()}"
     for path in ("/", "/no-such-page/"):
         stack.get(dynos.url(path), headers={"X-Request-ID": request_id})
-    lines = [line for line in dynos.log.read_text().splitlines() if request_id in line]
-    assert any(f'request_id={request_id} ' in line and '"GET / HTTP' in line for line in lines), lines
-    assert any(f'request_id={request_id} ' in line and " 404 " in line for line in lines), lines
+
+    def lines():
+        return [line for line in dynos.log.read_text().splitlines() if request_id in line]
+
+    # gunicorn writes an access line after the response, and honcho passes it on later still.
+    wait_for(lambda: len(lines()) >= 2, 10, "no access log line for both requests")
+    found = lines()
+    assert any(f'request_id={request_id} ' in line and '"GET / HTTP' in line for line in found), found
+    assert any(f'request_id={request_id} ' in line and " 404 " in line for line in found), found
 
 
 def test_the_first_request_is_answered_before_the_fork_and_leaves_no_connection(dynos, postgres):
