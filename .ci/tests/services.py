@@ -70,7 +70,7 @@ class Postgres:
     """A throwaway PostgreSQL cluster; .url is a DATABASE_URL for it."""
 
     def __init__(self, port=None, max_connections=200):
-        self.port = port or free_port()
+        self.port = port or free_low_port()
         self.max_connections = max_connections
         self.dir = Path(tempfile.mkdtemp(prefix="ci-pg-"))
         self.data = self.dir / "data"
@@ -143,14 +143,14 @@ class Process:
 
 
 def redis(port=None):
-    port = port or free_port()
+    port = port or free_low_port()
     server = Process([require("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], port)
     server.url = f"redis://127.0.0.1:{port}/0"
     return server
 
 
 def memcached(port=None):
-    port = port or free_port()
+    port = port or free_low_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     server = Process([require("memcached"), "-l", "127.0.0.1", "-p", str(port), *user], port)
     server.servers = f"127.0.0.1:{port}"
