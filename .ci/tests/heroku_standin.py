@@ -14,8 +14,8 @@ A test can hold the requests of one link (`hold("config-var Update")`): each wai
 `waiting`, until the test sets that gate, so the test can look at the machine (`ps`) or press
 Ctrl-C while the client waits for Heroku.
 
-Also served, outside that schema: the few Heroku Data routes that `pg:backups:*` calls (the CLI
-sends them to HEROKU_DATA_HOST, here the same server), and a refusing HTTPS proxy: the CLI reaches
+Also served, outside that schema: the few Heroku Data routes that `pg:backups:*` and
+`pg:connection-pooling:attach` call (the CLI sends them to HEROKU_DATA_HOST, here the same server), and a refusing HTTPS proxy: the CLI reaches
 GitHub-side hosts directly (`pipelines:diff`), so tests set HTTPS_PROXY to this server, which answers
 CONNECT with 403 and records the host, and nothing leaves the machine.
 """
@@ -804,7 +804,7 @@ class Platform:
     def pipeline_promotion_target_list(self, ident, **_):
         return 200, self.promotions[ident]["_targets"] if ident in self.promotions else []
 
-    # Heroku Data (pg:backups), outside the Platform API schema
+    # Heroku Data (pg:backups, pg:connection-pooling), outside the Platform API schema
 
     def data(self, method, path, body):
         with self.lock:
@@ -815,15 +815,20 @@ class Platform:
                     if transfer.group(2) in (backup["uuid"], str(backup["num"])):
                         return 200, backup
                 raise not_found("transfer")
-            found = re.fullmatch(r"/client/v11/databases/([^/]+)(/transfer-schedules|/backups)?", path)
+            found = re.fullmatch(
+                r"/client/v11/databases/([^/]+)(/transfer-schedules|/backups|/connection-pooling)?", path
+            )
             if not found:
                 raise HerokuError(404, "not_found", f"No {method} {path} in Heroku Data's API.")
             addon = self.addon(found.group(1))
             if addon["addon_service"]["name"] != "heroku-postgresql":
                 raise not_found("database")
             part = found.group(2)
+            plan = addon["plan"]["name"].partition(":")[2]
             if method == "GET" and not part:
-                return 200, {"info": [{"name": "Plan", "values": ["Essential 0"]}], "plan": "essential-0"}
+                return 200, {"info": [{"name": "Plan", "values": [plan]}], "plan": plan}
+            if part == "/connection-pooling" and method == "POST":
+                return self.attach_pooling(addon, plan, body)
             if part == "/transfer-schedules" and method == "POST":
                 if set(body) != {"hour", "timezone", "schedule_name"}:
                     raise HerokuError(422, "invalid_params", f"bad schedule: {body}")
@@ -850,6 +855,35 @@ class Platform:
                 backups.append(backup)
                 return 200, backup
             raise HerokuError(404, "not_found", f"No {method} {path} in Heroku Data's API.")
+
+
+    def attach_pooling(self, addon, plan, body):
+        """`pg:connection-pooling:attach`: an attachment of the database whose URL is PgBouncer's,
+        on Standard, Premium, Private and Shield plans (devcenter: postgres-connection-pooling)."""
+        if not plan.startswith(("standard", "premium", "private", "shield")):
+            raise HerokuError(422, "invalid_params", f"Connection pooling is not available on {plan}.")
+        if set(body) != {"app", "credential", "name"} or body["credential"] != "default":
+            raise HerokuError(422, "invalid_params", f"bad connection pooling request: {body}")
+        app = self.app(body["app"])
+        name = body["name"] or "DATABASE_CONNECTION_POOL"
+        if any(a["name"] == name and a["app"]["id"] == app["id"] for a in self.attachments.values()):
+            raise HerokuError(422, "invalid_params", "Name is already taken")
+        attachment = {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "addon": {"id": addon["id"], "name": addon["name"], "app": self.ref(app), "plan": addon["plan"]},
+            "config_vars": [f"{name}_URL"],
+            "app": self.ref(app),
+            "namespace": "connection-pooling:default",
+            "log_input_url": None,
+            "web_url": addon["web_url"],
+            "created_at": now(),
+            "updated_at": now(),
+        }
+        self.attachments[attachment["id"]] = attachment
+        url = "postgres://u:p@ec2-0-0-0-0.compute.amazonaws.com:5433/d"  # PgBouncer's port
+        self.set_config(app, {f"{name}_URL": url}, f"Attach {name} (@ref:{addon['name']})")
+        return 201, attachment
 
 
 class Rendezvous:

@@ -271,6 +271,12 @@ def test_setup_rerun_push_promote_rollback_teardown(site):
         assert secret not in result.output, "a SECRET_KEY was printed"
     assert site.git("log", "--format=%s") == "New project from the Djeroku template"
     assert "waiting for the first deploy" in result.stdout  # no process types before a deploy
+    # Essential plans have no pooling of Heroku's: one line says what to do instead.
+    assert (
+        "Connection pooling on shop-staging … skipped, heroku-postgresql:essential-0 has none: move "
+        'to a Standard plan, or run PgBouncer on each dyno (README: "More web dynos than connections")'
+    ) in result.stdout
+    assert not [r for r in site.standin.requests if r["path"].endswith("/connection-pooling")]
     assert "https://shop-" in result.stdout and "git remote staging" in result.stdout  # summary
     # Before anything is made, the plan: apps, region, each add-on with its plan, config by name.
     plan = result.stdout.split("[1/")[0]
@@ -401,6 +407,30 @@ def test_setup_rerun_push_promote_rollback_teardown(site):
 
     assert again.returncode == 0, again.output
     assert "Nothing to remove. Not there: shop-staging (no such app); shop (no such app); pipeline shop" in again.stdout
+
+
+def test_pooling_is_attached_where_the_plan_has_it(site):
+    # The owner picks a Standard plan in the fabfile's ADDONS, as the README says.
+    fabfile = site.path / "fabfile.py"
+    fabfile.write_text(fabfile.read_text().replace("postgresql:essential-0", "postgresql:standard-0"))
+
+    result = setup(site)
+
+    assert result.returncode == 0, result.output
+    for app_name in APPS.values():
+        assert f"Connection pooling on {app_name} … done" in result.stdout, result.stdout
+        app = site.platform.app(app_name)
+        assert app["_config"]["DATABASE_CONNECTION_POOL_URL"].startswith("postgres://")
+        pools = [a for a in site.platform.attachments.values()
+                 if a["app"]["id"] == app["id"] and a["name"] == "DATABASE_CONNECTION_POOL"]
+        assert len(pools) == 1 and pools[0]["addon"]["plan"]["name"] == "heroku-postgresql:standard-0"
+
+    site.standin.requests.clear()
+    again = setup(site)
+
+    assert again.returncode == 0, again.output
+    assert "Connection pooling on shop … skipped, it is on" in again.stdout
+    assert site.writes() == []
 
 
 def process_arguments():
