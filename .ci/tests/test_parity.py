@@ -139,6 +139,11 @@ def test_a_bad_gunicorn_variable_stops_the_start_with_one_line(build, config):
     check = build.run("gunicorn --check-config", {**config, "PORT": "70000"})
     assert check.returncode == 1
     assert check.stdout + check.stderr == "PORT must be a whole number from 1 to 65535: e.g. PORT=8000\n"
+    # gunicorn parses WEB_CONCURRENCY itself at import (its traceback); on Heroku a config change
+    # runs the release phase first, whose failure keeps the value from every dyno.
+    release = build.run(build.processes["release"], {**config, "WEB_CONCURRENCY": "abc"})
+    assert release.returncode == 1
+    assert release.stdout + release.stderr == "WEB_CONCURRENCY is not a whole number: e.g. WEB_CONCURRENCY=2\n"
 
 
 def test_web_process_serves_the_hello_page(dynos):
