@@ -616,8 +616,9 @@ def cache_env(kind, redis, sasl_memcached, password=SASL_PASSWORD):
     }
 
 
+@pytest.mark.parametrize("outage", [0, 60])
 @pytest.mark.parametrize("kind", ["redis", "memcached"])
-def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, redis, sasl_memcached):
+def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, outage, prod, web, redis, sasl_memcached):
     project, base = prod
     env = cache_env(kind, redis, sasl_memcached)
     server = {"redis": redis, "memcached": sasl_memcached}[kind]
@@ -650,6 +651,7 @@ def test_cache_sessions_and_pages_survive_the_cache_going_away(kind, prod, web, 
         broker = "down" if kind == "redis" else "ok"
         body = {"status": "down", "database": "ok", "cache": "down", "broker": broker}
         assert site.health() == (503, body)
+        time.sleep(outage)  # a minute away, the visitors still on the site
     finally:
         server.start()
     # Back without a restart of the site (bmemcached waits up to 5 s before trying a server again).
