@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services import free_low_port, free_port, require, stop_group, wait_for_port
+from services import free_low_port, require, stop_group, wait_for_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the real script; /usr/sbin's wraps it with su
 EPMD = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
@@ -17,7 +17,7 @@ EPMD = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
 class RabbitMQ:
     def __init__(self):
         # Below the temporary ports: a test may stop the node and start it again on the same ones.
-        self.port, self.dist_port, self.epmd_port = free_low_port(), free_low_port(), free_port()
+        self.port, self.dist_port, self.epmd_port = free_low_port(), free_low_port(), free_low_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ci-rabbitmq-"))
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"  # guest may log in on loopback
         self.proc = None
@@ -67,9 +67,10 @@ class RabbitMQ:
         return self
 
     def stop(self):
-        """Stop the node, keeping its folder (its queues and their messages) for start()."""
+        """Stop the node, keeping its folder (its queues and their messages) for start(). SIGTERM,
+        and time for its clean shutdown: a SIGKILL can lose a persistent message not yet on disk."""
         if self.proc:
-            stop_group(self.proc)
+            stop_group(self.proc, timeout=90)
             self.log.close()
             self.proc = None
 
