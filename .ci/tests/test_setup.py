@@ -87,7 +87,8 @@ def test_second_run_installs_nothing(stock, home):
 def test_lock_test_fails_on_an_edited_range_and_bin_lock_mends_it(stock, home):
     root, _, _ = stock
     env = user_env(home)
-    lock_test = ["bin/test", "-q", f"{NAME}/apps/core/tests/test_locks.py"]
+    # The lock's own tests; not the memo pin, which rightly fails once Django moves from 5.2.19.
+    lock_test = ["bin/test", "-q", f"{NAME}/apps/core/tests/test_locks.py", "-k", "not measured"]
     common, locks = root / "reqs/common.in", [root / "reqs/dev.txt", root / "reqs/prod.txt"]
     texts = [f.read_text() for f in (common, *locks)]
     text = texts[0]
