@@ -13,7 +13,6 @@ over all requests of the load (wrk's own distribution, not a median of rounds).
 import argparse
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
 import psutil  # noqa: E402
 import stack  # noqa: E402
 from stack import services  # noqa: E402
+
+from parity import Server  # noqa: E402  (this folder's parity.py)
 
 
 def main():
@@ -44,15 +45,12 @@ def main():
         config = stack.config_vars(pg, redis, WEB_CONCURRENCY="2")
         stack.release(build, config)
         port = services.free_port()
-        # The Procfile's web line as Heroku runs it; bash execs gunicorn, so this is its master.
-        web = subprocess.Popen(
-            ["bash", "-c", build.processes["web"]], cwd=build.path,
-            env=build.env({**config, "PORT": str(port)}), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        url = f"http://127.0.0.1:{port}/"
-        stack.wait_for_200(url, timeout=60)
-        master = psutil.Process(web.pid)
+        # The Procfile's web line, as parity.py starts it (bash execs gunicorn: its master).
+        web = Server("web", ["bash", "-c", build.processes["web"]], build.path,
+                     build.env({**config, "PORT": str(port)}), port)
+        web.start()
+        url = web.url()
+        master = psutil.Process(web.proc.pid)
 
         samples, stop = [], threading.Event()  # (seconds since start, PSS MB, worker pids)
 
@@ -70,7 +68,7 @@ def main():
         sampler.join()
     finally:
         if web:
-            services.stop_group(web, timeout=40)
+            web.stop()
         pg.close()
         redis.close()
 
