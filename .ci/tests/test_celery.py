@@ -389,6 +389,10 @@ def test_worker_outlives_redis_restart_mid_task(project, database, processes, tm
         assert done[after]["result"] == sum_squares(6)
         assert done[after]["finished_at"] - done[after]["created_at"] < 10, "the new task waited 10 s or more"
         assert worker.text().count("Connected to redis://") >= 2
+        # Said on one line with the reason (the standard for a broker that went away), no traceback.
+        lost = [line for line in worker.text().splitlines() if "Connection to broker lost" in line]
+        assert lost and all(re.fullmatch(r"WARNING .*Connection to broker lost\..* \(.+\)", line) for line in lost), lost
+        assert "Traceback" not in "".join(lost)
         assert worker.stop() == 0
     finally:
         redis.close()
