@@ -9,15 +9,17 @@ Targets, all on this machine with 2 workers each, against real Postgres and Redi
   web      the new project's Procfile `web` line (gunicorn.conf.py) with prod settings
   before   the same, rendered from the template at git revision --before (default main)
 Measured, the targets taking turns in every round: the hello page's req/s and p50/p99 at 32 and
-128 connections; a page waiting 50 ms in the database (pg_sleep) at 256 connections beside the
-bound the pool sets (WEB_CONCURRENCY x DATABASE_POOL_SIZE / 0.05 s); Celery no-op tasks done per
-second by the Procfile's worker with the project's settings, by a Celery app with Celery's
-defaults on the same Redis, and by the --before worker. After the rounds: PSS of each web tree
-(shared pages counted once, as a dyno's memory is) and time from start to the first 200 (median
-of 3, each start alone).
+128 connections, and the CPU time each server's processes spent per request (which other work on
+a shared machine moves far less than req/s); a page waiting 50 ms in the database (pg_sleep) at
+256 connections beside the bound the pool sets (WEB_CONCURRENCY x DATABASE_POOL_SIZE / 0.05 s);
+Celery no-op tasks done per second by the Procfile's worker with the project's settings, by a
+Celery app with Celery's defaults on the same Redis, and by the --before worker. After the rounds:
+PSS of each web tree (shared pages counted once, as a dyno's memory is) and time from start to
+the first 200 (median of 3, each start alone).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -104,6 +106,17 @@ class Server:
     def stop(self):
         if self.proc and self.proc.poll() is None:
             services.stop_group(self.proc, timeout=40)
+
+
+def cpu_seconds(processes):
+    """CPU time (user + system) the processes have used so far: per request, a figure that other
+    work on a shared machine barely moves, unlike req/s."""
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 class CeleryTarget:
@@ -235,7 +248,9 @@ def main():
         for _ in range(args.rounds):
             for connections in (32, 128):
                 for server in servers:
+                    before = cpu_seconds(server.tree())
                     result = stack.wrk(server.url(), connections, seconds)
+                    result["cpu_us"] = (cpu_seconds(server.tree()) - before) / result["requests"] * 1e6
                     runs.setdefault(("hello", server.name, connections), []).append(result)
             for name in builds:
                 url = by_name[name].url("/parity/sleep/?s=0.05")
@@ -263,7 +278,7 @@ def main():
     print(f"wrk {seconds} s per run, {args.rounds} interleaved rounds, medians; {WORKERS} workers each;"
           f" load average before: {load_before}; before = the template at {args.before or '-'}")
     print(f"{'hello page':<10}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>9}"
-          f"{'errors':>8}{'/plain':>8}{'/ceiling':>10}")
+          f"{'errors':>8}{'/plain':>8}{'/ceiling':>10}{'CPU us/req':>12}")
     figures = {"hello": {}, "io": {}, "celery": {}, "pss_mb": pss, "first_200_ms": {}}
     for connections in (32, 128):
         ceiling = med(("hello", "ceiling", connections), "rps")
@@ -271,10 +286,11 @@ def main():
         for name in names:
             key = ("hello", name, connections)
             rps, p50, p99 = med(key, "rps"), med(key, "p50_ms"), med(key, "p99_ms")
+            cpu_us = med(key, "cpu_us")
             print(f"{name:<10}{connections:>6}{rps:>9.0f}{p50:>9.1f}{p99:>9.1f}{p99 / p50:>9.1f}"
-                  f"{errors(key):>8}{rps / plain:>8.2f}{rps / ceiling:>10.3f}")
+                  f"{errors(key):>8}{rps / plain:>8.2f}{rps / ceiling:>10.3f}{cpu_us:>12.0f}")
             figures["hello"][f"{name}@{connections}"] = {
-                "rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors(key),
+                "rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors(key), "cpu_us": cpu_us,
                 "ratio_to_plain": rps / plain, "ratio_to_ceiling": rps / ceiling,
             }
     bound = WORKERS * POOL_SIZE / 0.05
