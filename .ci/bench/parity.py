@@ -109,13 +109,14 @@ class Server:
 
 
 def cpu_seconds(processes):
-    """CPU time (user + system) the processes have used so far: per request, a figure that other
-    work on a shared machine barely moves, unlike req/s."""
+    """CPU time (user + system) the processes have used so far, with that of their children
+    already reaped (a replaced worker's): per request, a figure that other work on a shared
+    machine barely moves, unlike req/s."""
     total = 0.0
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
-            total += times.user + times.system
+            total += times.user + times.system + times.children_user + times.children_system
     return total
 
 
