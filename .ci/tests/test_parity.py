@@ -154,8 +154,10 @@ def test_web_process_serves_the_hello_page(dynos):
 
 def test_access_log_lines_carry_the_request_id_as_heroku_sends_it(dynos):
     request_id = f"access-{time.time_ns()}"
+    # A quote in a field is escaped: it cannot end the field and forge the rest of the line.
+    headers = {"X-Request-ID": request_id, "User-Agent": 'probe" 500 "forged'}
     for path in ("/", "/no-such-page/"):
-        stack.get(dynos.url(path), headers={"X-Request-ID": request_id})
+        stack.get(dynos.url(path), headers=headers)
 
     def access_lines():
         lines = [line for line in dynos.log.read_text().splitlines() if f"request_id={request_id} " in line]
@@ -163,6 +165,8 @@ def test_access_log_lines_carry_the_request_id_as_heroku_sends_it(dynos):
 
     # gunicorn writes an access line after its response, and honcho passes it on later still.
     wait_for(lambda: all(access_lines()), 10, f"no access log line for both requests: {access_lines()}")
+    hello = access_lines()[0][0]
+    assert re.search(r'"GET / HTTP/1.1" 200 \d+ \d+ms "-" "probe\\" 500 \\"forged"$', hello), hello
 
 
 def test_the_first_request_is_answered_before_the_fork_and_leaves_no_connection(dynos, postgres):
