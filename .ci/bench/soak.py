@@ -11,6 +11,7 @@ over all requests of the load (wrk's own distribution, not a median of rounds).
 """
 
 import argparse
+import contextlib
 import signal
 import statistics
 import sys
@@ -27,6 +28,8 @@ from stack import services  # noqa: E402
 
 from parity import Server  # noqa: E402  (this folder's parity.py)
 
+WORKERS = 2
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,10 +42,10 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     pg, redis = services.Postgres().start(), services.redis().start()
-    web = None
+    web, busy = None, []
     try:
         build = stack.Build(tmp)
-        config = stack.config_vars(pg, redis, WEB_CONCURRENCY="2")
+        config = stack.config_vars(pg, redis, WEB_CONCURRENCY=str(WORKERS))
         stack.release(build, config)
         port = services.free_port()
         # The Procfile's web line, as parity.py starts it (bash execs gunicorn: its master).
@@ -51,6 +54,13 @@ def main():
         web.start()
         url = web.url()
         master = psutil.Process(web.proc.pid)
+        # The first 200 can come before the second worker runs: wrk's keep-alive connections
+        # would then all stay with the first one for the whole soak.
+        while len(master.children()) < WORKERS:
+            time.sleep(0.1)
+        time.sleep(2)
+        workers = master.children()
+        cpu_before = [sum(w.cpu_times()[:2]) for w in workers]
 
         samples, stop = [], threading.Event()  # (seconds since start, PSS MB, worker pids)
 
@@ -66,6 +76,8 @@ def main():
         result = stack.wrk(url, args.connections, seconds)
         stop.set()
         sampler.join()
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker replaced: no share to show
+            busy = [sum(w.cpu_times()[:2]) - b for w, b in zip(workers, cpu_before, strict=True)]
     finally:
         if web:
             web.stop()
@@ -73,7 +85,7 @@ def main():
         redis.close()
 
     print(f"soak: {args.minutes:g} min of wrk at {args.connections} connections on the hello page,"
-          f" WEB_CONCURRENCY=2; load average before: {load_before}")
+          f" WEB_CONCURRENCY={WORKERS}; load average before: {load_before}")
     minutes = {}
     for at, pss, _ in samples:
         minutes.setdefault(int(at // 60), []).append(pss)
@@ -84,6 +96,8 @@ def main():
     pids = [p for _, _, p in samples]
     replaced = len(set().union(*pids) - pids[0]) if pids else 0
     print(f"workers replaced during the soak: {replaced}")
+    if busy:  # about equal when both workers served the load
+        print("CPU seconds of each worker: " + ", ".join(f"{b:.0f}" for b in busy))
     p50, p99 = result["p50_ms"], result["p99_ms"]
     print(f"{result['requests']} requests, {result['rps']:.0f} req/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms,"
           f" p99/p50 {p99 / p50:.1f}, errors {result['non_2xx'] + result['socket_errors']}")
